@@ -1,0 +1,85 @@
+// Input validation shared by the CPU and CUDA kernels (host code only): every op checks
+// dtypes, devices, contiguity and sizes here before it touches memory.
+#pragma once
+#include <ATen/ATen.h>
+#include "common.h"
+
+namespace mini_unlearn {
+
+inline void check_bits_block(int64_t bits, int64_t block) {
+  TORCH_CHECK(bits == 8 || bits == 4, "mini_unlearn: bits must be 8 or 4, got ", bits);
+  TORCH_CHECK(block >= kMinBlock && block <= kMaxBlock && (block & (block - 1)) == 0,
+              "mini_unlearn: block must be a power of two in [", kMinBlock, ", ", kMaxBlock,
+              "], got ", block);
+}
+
+inline void check_float_input(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16 ||
+                  t.scalar_type() == at::kHalf,
+              "mini_unlearn: ", name, " must be float32, bfloat16 or float16, got ",
+              t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), "mini_unlearn: ", name, " must be contiguous (call .contiguous())");
+}
+
+inline at::ScalarType code_dtype(int64_t bits) { return bits == 8 ? at::kChar : at::kByte; }
+
+// codes [k, code_bytes(numel)] (or 1-D for k = 1) and scales [k, num_blocks(numel)], fp32.
+inline int64_t check_codes(const at::Tensor& codes, const at::Tensor& scales, int64_t bits,
+                           int64_t block, int64_t numel, bool rows) {
+  check_bits_block(bits, block);
+  TORCH_CHECK(numel >= 0, "mini_unlearn: numel must be >= 0, got ", numel);
+  TORCH_CHECK(codes.scalar_type() == code_dtype(bits), "mini_unlearn: codes for bits=", bits,
+              " must be ", code_dtype(bits), ", got ", codes.scalar_type(),
+              " (pass the codes quantize_blockwise returned, with the same bits)");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat, "mini_unlearn: scales must be float32, got ",
+              scales.scalar_type());
+  TORCH_CHECK(codes.device() == scales.device(), "mini_unlearn: codes on ", codes.device(),
+              " but scales on ", scales.device());
+  TORCH_CHECK(codes.is_contiguous() && scales.is_contiguous(),
+              "mini_unlearn: codes and scales must be contiguous");
+  int64_t k = 1;
+  if (rows) {
+    TORCH_CHECK(codes.dim() == 2 && scales.dim() == 2,
+                "mini_unlearn: codes and scales must be 2-D [k, ...] (k compressed rows), got ",
+                codes.sizes(), " and ", scales.sizes());
+    k = codes.size(0);
+    TORCH_CHECK(scales.size(0) == k, "mini_unlearn: codes hold ", k, " rows but scales hold ",
+                scales.size(0));
+  } else {
+    TORCH_CHECK(codes.dim() == 1 && scales.dim() == 1,
+                "mini_unlearn: codes and scales must be 1-D, got ", codes.sizes(), " and ",
+                scales.sizes());
+  }
+  TORCH_CHECK(codes.size(-1) == code_bytes(numel, bits), "mini_unlearn: ", numel,
+              " elements at bits=", bits, " need ", code_bytes(numel, bits),
+              " code bytes per row, got ", codes.size(-1));
+  TORCH_CHECK(scales.size(-1) == num_blocks(numel, block), "mini_unlearn: ", numel,
+              " elements in blocks of ", block, " need ", num_blocks(numel, block),
+              " scales per row, got ", scales.size(-1), " (same block as quantize_blockwise?)");
+  return k;
+}
+
+inline void check_same_device(const at::Tensor& a, const at::Tensor& b, const char* an,
+                              const char* bn) {
+  TORCH_CHECK(a.device() == b.device(), "mini_unlearn: ", an, " is on ", a.device(), " but ", bn,
+              " is on ", b.device(), "; move them to one device");
+}
+
+// acc [d_out, d_in] (or any shape with numel = |s_out| * |s_in|), fp32; spectra fp32, 1-D.
+inline void check_contraction(const at::Tensor& acc, const at::Tensor& s_out,
+                              const at::Tensor& s_in, int64_t steps) {
+  TORCH_CHECK(acc.scalar_type() == at::kFloat, "mini_unlearn: acc must be float32, got ",
+              acc.scalar_type());
+  TORCH_CHECK(acc.is_contiguous(), "mini_unlearn: acc must be contiguous");
+  TORCH_CHECK(s_out.scalar_type() == at::kFloat && s_in.scalar_type() == at::kFloat,
+              "mini_unlearn: s_out and s_in must be float32");
+  TORCH_CHECK(s_out.dim() == 1 && s_in.dim() == 1 && s_out.is_contiguous() && s_in.is_contiguous(),
+              "mini_unlearn: s_out and s_in must be contiguous 1-D spectra");
+  TORCH_CHECK(acc.numel() == s_out.numel() * s_in.numel(), "mini_unlearn: acc has ", acc.numel(),
+              " elements but the spectra describe ", s_out.numel(), " x ", s_in.numel());
+  TORCH_CHECK(steps >= 0, "mini_unlearn: steps must be >= 0, got ", steps);
+  check_same_device(acc, s_out, "acc", "s_out");
+  check_same_device(acc, s_in, "acc", "s_in");
+}
+
+}  // namespace mini_unlearn

@@ -1,0 +1,111 @@
+// CPU kernel of contraction_accumulate (dense x) and contraction_accumulate_q (x as int8/int4
+// codes): acc <- a * acc + c * x with a, c from nu' = s_out[i] s_in[j] + lam, computed on the fly.
+#include <torch/library.h>
+#include "../checks.h"
+#include "../contraction.h"
+#include "simd.h"
+
+namespace mini_unlearn {
+namespace {
+
+struct Segment {
+  float lam, eta;
+  int64_t steps;
+  int nbits;
+};
+
+// One tile of n <= kTile elements whose nu' = s_fixed * s[t] + lam. The powering loop over
+// the bits of `steps` is outside the element loops, so each element loop vectorises.
+MU_CLONES void contraction_tile(float* acc, const float* x, const float* s, float s_fixed,
+                                const Segment& seg, int64_t n) {
+  float q[kTile], sum[kTile], z[kTile];
+  for (int64_t t = 0; t < n; ++t) {
+    z[t] = seg.eta * (s_fixed * s[t] + seg.lam);
+    q[t] = 0.f;
+    sum[t] = 0.f;
+  }
+  for (int b = seg.nbits - 1; b >= 0; --b) {
+    for (int64_t t = 0; t < n; ++t) contraction_double(q[t], sum[t]);
+    if ((seg.steps >> b) & 1)
+      for (int64_t t = 0; t < n; ++t) contraction_increment(q[t], sum[t], z[t]);
+  }
+  for (int64_t t = 0; t < n; ++t)
+    acc[t] = contraction_apply(acc[t], x[t], 1.f - q[t], seg.eta * sum[t]);
+}
+
+// Walks acc's flat range [e0, e1) in tiles that stay within one row (one s_out value) and,
+// for compressed x, within one quantisation block; `load_x(e, n, buf)` stages x[e, e + n).
+template <typename LoadX>
+void contraction_range(float* acc, const float* s_out, const float* s_in, int64_t d_in,
+                       const Segment& seg, int64_t e0, int64_t e1, int64_t split, LoadX load_x) {
+  float xbuf[kTile];
+  for (int64_t e = e0; e < e1;) {
+    int64_t n = std::min<int64_t>({kTile, e1 - e, split - e % split});
+    const float* s;
+    float s_fixed;
+    if (d_in == 1) {  // flat layout: the spectrum runs along s_out
+      s = s_out + e;
+      s_fixed = s_in[0];
+    } else {
+      n = std::min(n, d_in - e % d_in);
+      s = s_in + e % d_in;
+      s_fixed = s_out[e / d_in];
+    }
+    contraction_tile(acc + e, load_x(e, n, xbuf), s, s_fixed, seg, n);
+    e += n;
+  }
+}
+
+Segment make_segment(double lam, double eta, int64_t steps) {
+  return {static_cast<float>(lam), static_cast<float>(eta), steps, steps_bits(steps)};
+}
+
+void contraction_accumulate_cpu(const at::Tensor& acc, const at::Tensor& x, const at::Tensor& s_out,
+                                const at::Tensor& s_in, double lam, double eta, int64_t steps) {
+  check_contraction(acc, s_out, s_in, steps);
+  check_float_input(x, "x");
+  TORCH_CHECK(x.numel() == acc.numel(), "mini_unlearn: x has ", x.numel(), " elements, acc has ",
+              acc.numel());
+  check_same_device(acc, x, "acc", "x");
+  TORCH_CHECK(acc.device().is_cpu(), "mini_unlearn: expected CPU tensors");
+  const Segment seg = make_segment(lam, eta, steps);
+  float* a = acc.data_ptr<float>();
+  const int64_t d_in = s_in.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "contraction_accumulate", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    at::parallel_for(0, acc.numel(), 16384, [&](int64_t e0, int64_t e1) {
+      contraction_range(a, s_out.data_ptr<float>(), s_in.data_ptr<float>(), d_in, seg, e0, e1, kTile,
+                        [&](int64_t e, int64_t n, float* buf) { return as_float(xp + e, n, buf); });
+    });
+  });
+}
+
+void contraction_accumulate_q_cpu(const at::Tensor& acc, const at::Tensor& codes,
+                                  const at::Tensor& scales, const at::Tensor& s_out,
+                                  const at::Tensor& s_in, double lam, double eta, int64_t steps,
+                                  int64_t bits, int64_t block) {
+  check_contraction(acc, s_out, s_in, steps);
+  check_codes(codes, scales, bits, block, acc.numel(), /*rows=*/false);
+  check_same_device(acc, codes, "acc", "codes");
+  TORCH_CHECK(acc.device().is_cpu(), "mini_unlearn: expected CPU tensors");
+  const Segment seg = make_segment(lam, eta, steps);
+  const int qmax = qmax_for_bits(bits);
+  const auto* c = static_cast<const uint8_t*>(codes.data_ptr());
+  const float* sc = scales.data_ptr<float>();
+  at::parallel_for(0, acc.numel(), 16384, [&](int64_t e0, int64_t e1) {
+    contraction_range(acc.data_ptr<float>(), s_out.data_ptr<float>(), s_in.data_ptr<float>(),
+                      s_in.numel(), seg, e0, e1, block, [&](int64_t e, int64_t n, float* buf) {
+                        decode_span(c, static_cast<int>(bits), e, n, dequant_step(sc[e / block], qmax), buf);
+                        return static_cast<const float*>(buf);
+                      });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mini_unlearn, CPU, m) {
+  m.impl("contraction_accumulate", &contraction_accumulate_cpu);
+  m.impl("contraction_accumulate_q", &contraction_accumulate_q_cpu);
+}
+
+}  // namespace mini_unlearn

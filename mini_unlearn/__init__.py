@@ -1,0 +1,18 @@
+"""mini_unlearn: fast machine unlearning for PyTorch.
+
+Record a compressed, minimal log of training history while training, then remove a forget
+set's influence with Mini-Unlearning (contraction mapping + minimal history) far faster than
+retraining; baselines, evaluation against retraining and MIA, and kernel benchmarks included.
+"""
+from ._backend import backend, has_cuda_kernels
+from .errors import (ForgetSetError, LineSearchError, LogFormatError, LogMismatchError,
+                     MiniUnlearnError, NonFiniteError)
+from . import ops
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "backend", "has_cuda_kernels", "ops", "__version__",
+    "MiniUnlearnError", "LogFormatError", "LogMismatchError", "ForgetSetError", "NonFiniteError",
+    "LineSearchError",
+]
