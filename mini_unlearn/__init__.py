@@ -8,11 +8,12 @@ from ._backend import backend, has_cuda_kernels
 from .errors import (ForgetSetError, LineSearchError, LogFormatError, LogMismatchError,
                      MiniUnlearnError, NonFiniteError)
 from . import ops
+from .log import GradientLog
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "backend", "has_cuda_kernels", "ops", "__version__",
+    "backend", "has_cuda_kernels", "ops", "__version__", "GradientLog",
     "MiniUnlearnError", "LogFormatError", "LogMismatchError", "ForgetSetError", "NonFiniteError",
     "LineSearchError",
 ]

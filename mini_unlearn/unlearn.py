@@ -1,0 +1,139 @@
+"""``unlearn()``: remove a forget set's influence from a trained model with a recorded log."""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import _batches
+from .errors import ForgetSetError, LogMismatchError
+from .methods import METHODS
+
+
+@dataclass
+class UnlearnResult:
+    """What an unlearning run produced and what it cost."""
+
+    model: nn.Module
+    method: str
+    mode: str | None
+    passes: int  # passes over a data set (forget or retained), the unit of cost
+    grad_evals: int  # sample-gradient evaluations
+    certificate: float | None  # ‖∇F_R(w_u)‖ / ‖∇F_R(w_a)‖ where the method checks it
+    verified: bool  # True only when the certificate met the tolerance
+    seconds: float
+    history_bytes: int
+    info: dict = field(default_factory=dict)
+
+    def summary(self) -> str:
+        cert = "unverified" if self.certificate is None else f"certificate {self.certificate:.2e}"
+        return (f"{self.method}/{self.mode}: {self.passes} passes, {self.grad_evals} sample gradients, "
+                f"{self.seconds:.3f} s, {cert}")
+
+
+def _forget_from_indices(indices, train_data, n: int):
+    idx = torch.as_tensor(indices)
+    if idx.dim() != 1 or idx.is_floating_point() or idx.dtype == torch.bool:
+        raise ForgetSetError(f"indices must be a 1-D integer tensor or list, got {idx.dtype} of shape "
+                             f"{tuple(idx.shape)}")
+    idx = idx.long()
+    if idx.numel() == 0:
+        raise ForgetSetError("the forget set is empty: pass at least one index")
+    bad = idx[(idx < 0) | (idx >= n)]
+    if bad.numel():
+        raise ForgetSetError(f"forget indices out of range [0, {n}): {bad[:5].tolist()}")
+    if torch.unique(idx).numel() != idx.numel():
+        raise ForgetSetError("forget indices are repeated; pass each sample once (torch.unique)")
+    if train_data is None:
+        raise ForgetSetError("indices= needs the training data: pass train_data= (the data given "
+                             "to Recorder.finalize)")
+    return _batches.subset(train_data, idx)
+
+
+def _check_forget(forget, model: nn.Module, n: int) -> int:
+    if isinstance(forget, (tuple, list)) and len(forget) == 2 and torch.is_tensor(forget[0]):
+        X, y = forget
+        if X.dim() < 1 or X.shape[0] == 0:
+            raise ForgetSetError("the forget set is empty: pass at least one sample")
+        if y.shape[:1] != X.shape[:1]:
+            raise ForgetSetError(f"forget X has {X.shape[0]} rows but y has {y.shape[0] if y.dim() else 0}")
+        p = next(model.parameters())
+        if X.device != p.device or y.device != p.device:
+            raise ForgetSetError(f"forget tensors are on {X.device}/{y.device} but the model is on "
+                                 f"{p.device}; move them with .to(device)")
+        if not X.is_floating_point():
+            raise ForgetSetError(f"forget X must be floating point, got {X.dtype}")
+        if not torch.isfinite(X).all():
+            raise ForgetSetError("forget X contains NaN/Inf")
+    r = _batches.count(forget)
+    if r == 0:
+        raise ForgetSetError("the forget set is empty: pass at least one sample")
+    if r >= n:
+        raise ForgetSetError(f"the forget set has {r} samples but the log covers only n={n}: "
+                             "nothing would be retained (retrain from scratch instead)")
+    return r
+
+
+def unlearn(model: nn.Module, log, forget=None, *, loss_fn, method: str = "mini", mode: str = "auto",
+            retain=None, indices=None, train_data=None, max_passes: int = 8, tol: float = 1e-6,
+            in_place: bool = False, batch_size: int = 512, progress: bool = False,
+            **method_kwargs) -> UnlearnResult:
+    """Remove the influence of ``forget`` from ``model`` using the recorded ``log``.
+
+    Args:
+        model: the trained model the log was recorded from.
+        log: a :class:`GradientLog` from :meth:`Recorder.finalize` (or ``GradientLog.load``).
+        forget: the samples to forget: ``(X, y)`` tensors, a Dataset or a DataLoader; or pass
+            ``indices=`` into the training data (``train_data=``, default: the data given to
+            ``finalize`` in this process).
+        loss_fn: ``loss_fn(outputs, targets)`` -> mean loss (the training loss).
+        method: "mini" (Mini-Unlearning) or a baseline registered in ``mini_unlearn.methods``.
+        mode: for "mini": "auto", "oneshot", "trajectory" or "refresh".
+        retain: the retained data (refresh mode and some baselines).
+        max_passes: refresh's budget of retained passes; tol: its stopping rule ‖∇F_R‖ ≤ tol·‖g0‖.
+        in_place: write the result into ``model``; otherwise ``model`` is never modified (and
+            never on failure).
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(sorted(METHODS))}")
+    log.check_model(model)
+    n = int(log.meta["n_train"])
+    if indices is not None:
+        if forget is not None:
+            raise ForgetSetError("pass either forget= or indices=, not both")
+        forget = _forget_from_indices(indices, train_data if train_data is not None
+                                      else getattr(log, "train_data", None), n)
+    if forget is None:
+        raise ForgetSetError("nothing to forget: pass forget=(X, y) or indices=")
+    r = _check_forget(forget, model, n)
+    device = next(model.parameters()).device
+    w_model = torch.cat([p.detach().reshape(-1).float() for p in log_params(model, log)])
+    w_a = log.get("anchor/w").to(device)
+    if not torch.allclose(w_model, w_a, rtol=1e-5, atol=1e-6):
+        raise LogMismatchError("the model's weights differ from the log's anchor: unlearn the model "
+                               "the log was finalized on (or re-finalize the log for this model)")
+    work = copy.deepcopy(model)
+    for p in work.parameters():
+        p.grad = None
+    t0 = time.perf_counter()
+    out = METHODS[method](work, log, forget, loss_fn, mode=mode, retain=retain, r=r,
+                          max_passes=max_passes, tol=tol, batch_size=batch_size, device=device,
+                          progress=progress, **method_kwargs)
+    seconds = time.perf_counter() - t0
+    if in_place:
+        with torch.no_grad():
+            for dst, src in zip(model.parameters(), work.parameters()):
+                dst.copy_(src)
+        work = model
+    info = {k: v for k, v in out.items() if k not in ("mode", "passes", "grad_evals", "certificate", "verified")}
+    return UnlearnResult(work, method, out.get("mode"), int(out.get("passes", 0)),
+                         int(out.get("grad_evals", 0)), out.get("certificate"),
+                         bool(out.get("verified", False)), seconds, int(log.nbytes()), info)
+
+
+def log_params(model: nn.Module, log) -> list[torch.Tensor]:
+    named = dict(model.named_parameters())
+    return [named[n] for n in log.param_names]
