@@ -22,7 +22,7 @@ LARGE = 100_003  # ~100k, not a multiple of any block
 
 def lengths(block: int) -> st.SearchStrategy[int]:
     """Edge lengths around one block, a large non-multiple, and anything in between."""
-    edges = [1, 2, block - 1, block, block + 1, 2 * block + 3, LARGE, 99_999]
+    edges = [1, 2, block - 1, block, block + 1, 2 * block + 3, LARGE]
     return st.one_of(st.sampled_from(edges), st.integers(1, 3 * block + 7))
 
 
@@ -45,10 +45,24 @@ def seed_for(gen_seed: int) -> int:
 def rows_of(k: int, n: int, bits: int, block: int, seed: int, device: str):
     """k compressed rows [k, ...] of random vectors (stacked codes and scales) and the rows."""
     w = torch.stack([make_x(n, torch.float32, seed + j) for j in range(k)]).to(device)
-    pairs = [reference.quantize_blockwise(w[j], bits, block, False, 0) for j in range(k)]
+    # native quantize (bit-exact with the reference, tested separately) keeps large cases fast
+    pairs = [ops.quantize_blockwise(w[j], bits=bits, block=block) for j in range(k)]
     codes = torch.stack([c for c, _ in pairs]).contiguous()
     scales = torch.stack([s for _, s in pairs]).contiguous()
     return codes, scales
+
+
+def assert_equal(actual: torch.Tensor, expected: torch.Tensor):
+    """Bit-exact (NaN equal to NaN); torch.equal first, assert_close only to explain a failure."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    if actual.is_floating_point():
+        nan = torch.isnan(actual)
+        if torch.equal(nan, torch.isnan(expected)) and torch.equal(actual[~nan], expected[~nan]):
+            return
+    elif torch.equal(actual, expected):
+        return
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True)
+    raise AssertionError("not bit-exact")  # e.g. -0.0 vs 0.0
 
 
 def assert_within(actual: torch.Tensor, expected: torch.Tensor, bound: torch.Tensor, what: str):
@@ -78,13 +92,13 @@ def check_quantize(n: int, dtype, bits: int, block: int, stochastic: bool, seed:
     assert codes.device == x.device and scales.device == x.device
     assert codes.dtype == (torch.int8 if bits == 8 else torch.uint8)
     assert codes.shape == rc.shape and scales.shape == rs.shape
-    torch.testing.assert_close(codes, rc, rtol=0, atol=0)
-    torch.testing.assert_close(scales, rs, rtol=0, atol=0, equal_nan=True)
-    for out_dtype in DTYPES:
+    assert_equal(codes, rc)
+    assert_equal(scales, rs)
+    for out_dtype in DTYPES if n <= 5000 else {torch.float32, dtype}:
         xh = ops.dequantize_blockwise(codes, scales, bits=bits, block=block, numel=n, dtype=out_dtype)
         rh = reference.dequantize_blockwise(rc, rs, bits, block, n, out_dtype)
         assert xh.dtype == out_dtype and xh.shape == (n,) and xh.device == x.device
-        torch.testing.assert_close(xh, rh, rtol=0, atol=0, equal_nan=True)
+        assert_equal(xh, rh)
     return x, codes, scales
 
 
@@ -155,13 +169,18 @@ def spectra(d_out: int, d_in: int, lam: float, eta: float, zmax: float, seed: in
 
 
 def contraction_bound(acc0, x, s_out, s_in, lam, eta, steps):
-    """1e-5 relative to |a acc| + |c x| plus 1e-6 |acc|: a = 1 - q carries an absolute fp32 error
-    when a ~ 0 (see csrc/contraction.h)."""
+    """1e-5 relative to |a acc| + |c x|, plus 1e-6 |acc| (a = 1 - q carries an absolute fp32
+    error when a ~ 0, see csrc/contraction.h), plus the conditioning of a and c in nu': the
+    kernel forms z = eta nu' in fp32, and a = (1 - z)^L amplifies z's rounding L-fold (most
+    when |1 - z| ~ 1 with z ~ 2), so the bound adds the reference's own change under a
+    8-unit-roundoff relative perturbation of nu'."""
     nu = s_out.double()[:, None] * s_in.double()[None, :] + lam
     a, c = reference.contraction_coeffs(nu, eta, steps)
-    a, c = a.reshape(acc0.shape), c.reshape(acc0.shape)
+    ap, cp = reference.contraction_coeffs(nu * (1 + 8 * 2.0 ** -24), eta, steps)
+    a, c, ap, cp = (t.reshape(acc0.shape) for t in (a, c, ap, cp))
     acc0, x = acc0.double(), x.double().reshape(acc0.shape)
-    return 1e-5 * (a.abs() * acc0.abs() + c.abs() * x.abs()) + 1e-6 * acc0.abs() + 1e-30
+    cond = (ap - a).abs() * acc0.abs() + (cp - c).abs() * x.abs()
+    return 1e-5 * (a.abs() * acc0.abs() + c.abs() * x.abs()) + 1e-6 * acc0.abs() + cond + 1e-30
 
 
 def check_contraction(d_out: int, d_in: int, lam: float, eta: float, steps: int, zmax: float,
@@ -186,6 +205,6 @@ def check_contraction(d_out: int, d_in: int, lam: float, eta: float, steps: int,
         xd = reference.dequantize_blockwise(codes, scales, bits, block, acc0.numel(), torch.float32)
     assert out is acc and acc.shape == shape and acc.dtype == torch.float32
     if steps == 0:  # a = 1, c = 0: nothing moves
-        torch.testing.assert_close(acc, acc0, rtol=0, atol=0)
+        assert_equal(acc, acc0)
     bound = contraction_bound(acc0, xd, s_out, s_in, lam, eta, steps)
     assert_within(acc, ref, bound, f"contraction steps={steps} lam={lam} eta={eta} zmax={zmax}")

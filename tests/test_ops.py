@@ -10,12 +10,12 @@ from hypothesis import strategies as st
 
 import mini_unlearn
 from mini_unlearn import ops, reference
-from _kernel_cases import (BITS, BLOCKS, DTYPES, LAMS, LARGE, STEPS, check_contraction,
+from _kernel_cases import (BITS, BLOCKS, DTYPES, LAMS, LARGE, STEPS, assert_equal, check_contraction,
                            check_dequant_axpy, check_dequant_dot, check_error_bound, check_quantize,
                            lengths, make_x, rows_of, seed_for)
 
 NATIVE = torch.ops.mini_unlearn
-HYP = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+HYP = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def test_native_backend_loaded():
@@ -37,10 +37,19 @@ def test_quantize_dequantize_bit_exact(data, dtype, bits, block, stochastic, see
 @pytest.mark.parametrize("block", BLOCKS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_quantize_bit_exact_grid(dtype, block, bits):
-    """Every (dtype, block, bits) at the edge lengths and one large length, both roundings."""
-    for n in (1, block - 1, block, block + 1, LARGE):
+    """Every (dtype, block, bits) at the edge lengths, both roundings."""
+    for n in (1, block - 1, block, block + 1, 3 * block + 5):
         for stochastic in (False, True):
             check_quantize(n, dtype, bits, block, stochastic, seed=n)
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_quantize_bit_exact_large(dtype, bits):
+    """~100k elements (not a multiple of the block): many blocks, both roundings."""
+    block = {torch.float32: 4096, torch.bfloat16: 256, torch.float16: 32}[dtype]
+    for stochastic in (False, True):
+        check_quantize(LARGE, dtype, bits, block, stochastic, seed=bits)
 
 
 def test_quantize_empty():
@@ -84,12 +93,11 @@ def test_dequant_axpy_matches_reference(data, k, dtype, bits, block, seed):
     check_dequant_axpy(k, data.draw(lengths(block), label="n"), dtype, bits, block, seed)
 
 
-@pytest.mark.parametrize("bits", BITS)
-@pytest.mark.parametrize("k", [1, 8])
-def test_dot_axpy_large(k, bits):
-    for dtype in DTYPES:
-        check_dequant_dot(k, LARGE, dtype, bits, 256, seed=k)
-        check_dequant_axpy(k, LARGE, dtype, bits, 4096, seed=k)
+@pytest.mark.parametrize("k, bits, dtype", [(8, 8, torch.float32), (3, 4, torch.bfloat16),
+                                           (2, 8, torch.float16), (1, 4, torch.float32)])
+def test_dot_axpy_large(k, bits, dtype):
+    check_dequant_dot(k, LARGE, dtype, bits, 256, seed=k)
+    check_dequant_axpy(k, LARGE, dtype, bits, 4096, seed=k)
 
 
 def test_dequant_axpy_zero_coeff_is_identity():
@@ -131,9 +139,16 @@ def test_contraction_grid(lam, steps):
     for zmax in (0.5, 1.9):
         for dtype in DTYPES:
             check_contraction(17, 33, lam, 0.05, steps, zmax, dtype, seed=steps)
-            check_contraction(LARGE, 1, lam, 0.05, steps, zmax, dtype, seed=steps, flat=True)
+            check_contraction(4099, 1, lam, 0.05, steps, zmax, dtype, seed=steps, flat=True)
         for bits in BITS:
             check_contraction(9, 100, lam, 0.05, steps, zmax, torch.float32, seed=steps, bits=bits, block=32)
+
+
+@pytest.mark.parametrize("bits", [None, 8, 4])
+def test_contraction_large(bits):
+    """~100k elements flat (s_in of length 1) and as [316, 317], dense or compressed."""
+    check_contraction(LARGE, 1, 1e-3, 0.05, 156, 1.5, torch.float32, seed=5, bits=bits, block=4096, flat=True)
+    check_contraction(316, 317, 0.1, 0.01, 1000, 0.9, torch.float32, seed=6, bits=bits, block=256)
 
 
 @pytest.mark.parametrize("steps", [1, 7, 156, 1000, 100_000])

@@ -1,0 +1,120 @@
+"""Evaluation metrics: accuracy, closeness to retraining, membership inference."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from mini_unlearn.data import load_dataset
+from mini_unlearn.evaluate import (accuracy, evaluate, kl_to, mia_efficacy, mia_entropy, mia_loss,
+                                   param_distance, peak_rss_bytes, per_sample_loss, predict_proba)
+from mini_unlearn.models import Recipe, default_recipe, make_model, train
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread is faster, and immune to a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits", seed=0)
+
+
+@pytest.fixture(scope="module")
+def fitted(digits):
+    model = make_model("logreg", digits.num_features, digits.num_classes, seed=0)
+    train(model, digits.X_train, digits.y_train, default_recipe("logreg"))
+    return model
+
+
+@pytest.fixture(scope="module")
+def memorised(digits):
+    """An MLP overfit (no weight decay, 150 epochs) on 300 training samples, 30% of labels noisy;
+    retrained twin without the first 100 (the forget set)."""
+    g = torch.Generator().manual_seed(0)
+    X, y = digits.X_train[:300], digits.y_train[:300].clone()
+    noisy = torch.rand(300, generator=g) < 0.3
+    y[noisy] = torch.randint(0, 10, (int(noisy.sum()),), generator=g)
+    recipe = Recipe("sgd", weight_decay=0.0, epochs=150, batch_size=32, lr=0.1, seed=0)
+    original = make_model("mlp", 64, 10, seed=0)
+    train(original, X, y, recipe)
+    retrained = make_model("mlp", 64, 10, seed=0)
+    train(retrained, X, y, recipe, indices=torch.arange(100, 300))
+    forget, retain = (X[:100], y[:100]), (X[100:], y[100:])
+    return original, retrained, forget, retain
+
+
+def test_basic_outputs(digits, fitted):
+    X, y = digits.X_test, digits.y_test
+    p = predict_proba(fitted, X)
+    assert p.shape == (360, 10) and torch.allclose(p.sum(1), torch.ones(360, dtype=p.dtype), atol=1e-5)
+    acc = accuracy(fitted, X, y)
+    assert isinstance(acc, float) and acc > 0.9
+    assert acc == pytest.approx(float((p.argmax(1) == y).float().mean()))
+    losses = per_sample_loss(fitted, X, y)
+    assert losses.shape == (360,) and (losses >= 0).all()
+    assert float(losses.mean()) == pytest.approx(
+        float(torch.nn.functional.cross_entropy(fitted(X).detach(), y)), rel=1e-5)
+
+
+def test_mia_same_distribution_is_chance(digits, fitted):
+    X, y = digits.X_test, digits.y_test
+    forget, test = (X[::2], y[::2]), (X[1::2], y[1::2])  # two halves of held-out data
+    assert abs(mia_loss(fitted, forget, test, seed=0) - 0.5) < 0.1
+    assert abs(mia_entropy(fitted, forget, test, seed=0) - 0.5) < 0.1
+    assert mia_loss(fitted, forget, test, seed=0) == mia_loss(fitted, forget, test, seed=0)
+
+
+def test_mia_detects_memorisation(digits, memorised):
+    original, retrained, forget, retain = memorised
+    test = (digits.X_test, digits.y_test)
+    assert accuracy(original, *forget) > 0.99  # noisy labels memorised
+    assert mia_loss(original, forget, test) > 0.6
+    assert mia_entropy(original, forget, test) > 0.6
+    # the retrained model never saw the forget set: much closer to chance
+    assert mia_loss(retrained, forget, test) < mia_loss(original, forget, test) - 0.1
+    # MIA-efficacy: forget samples look like members to the attack on the original only
+    eff_orig = mia_efficacy(original, forget, retain, test)
+    eff_retr = mia_efficacy(retrained, forget, retain, test)
+    assert 0.0 <= eff_orig <= 1.0 and 0.0 <= eff_retr <= 1.0
+    assert eff_orig < 0.3 and eff_retr > eff_orig + 0.3
+
+
+def test_distances(fitted):
+    twin = copy.deepcopy(fitted)
+    assert param_distance(fitted, twin) == 0.0
+    X = torch.randn(50, 64)
+    assert kl_to(fitted, twin, X) == pytest.approx(0.0, abs=1e-7)
+    with torch.no_grad():
+        twin.bias += 1.0
+        twin.weight[0, 0] += 0.5
+    assert param_distance(fitted, twin) == pytest.approx((10 * 1.0 + 0.25) ** 0.5, rel=1e-5)
+    assert kl_to(twin, fitted, X) > 0
+    with pytest.raises(ValueError):
+        param_distance(fitted, make_model("mlp", 64, 10))
+
+
+def test_evaluate_keys_and_json(digits, memorised):
+    original, retrained, forget, retain = memorised
+    test = (digits.X_test, digits.y_test)
+    base = {"test_acc", "retain_acc", "forget_acc", "mia_loss", "mia_entropy", "mia_efficacy"}
+    out = evaluate(original, forget, retain, test)
+    assert set(out) == base
+    out = evaluate(original, forget, retain, test, reference=retrained, original=original,
+                   seconds=1.5, peak_rss_bytes=peak_rss_bytes())
+    assert set(out) == base | {"l2_to_retrain", "rel_l2_to_retrain", "kl_to_retrain",
+                               "kl_to_retrain_test", "seconds", "peak_rss_bytes"}
+    assert all(type(v) is float for v in out.values())
+    assert out["rel_l2_to_retrain"] == pytest.approx(1.0)
+    assert out["seconds"] == 1.5 and out["peak_rss_bytes"] > 10 * 2**20
+    json.dumps(out)
+    same = evaluate(retrained, forget, retain, test, reference=retrained, original=original)
+    assert same["l2_to_retrain"] == 0.0 and same["rel_l2_to_retrain"] == 0.0
+    assert same["kl_to_retrain"] == pytest.approx(0.0, abs=1e-7)
