@@ -9,11 +9,14 @@ from .errors import (ForgetSetError, LineSearchError, LogFormatError, LogMismatc
                      MiniUnlearnError, NonFiniteError)
 from . import ops
 from .log import GradientLog
+from .recorder import Recorder
+from .unlearn import UnlearnResult, unlearn
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "backend", "has_cuda_kernels", "ops", "__version__", "GradientLog",
+    "backend", "has_cuda_kernels", "ops", "__version__", "GradientLog", "Recorder", "unlearn",
+    "UnlearnResult",
     "MiniUnlearnError", "LogFormatError", "LogMismatchError", "ForgetSetError", "NonFiniteError",
     "LineSearchError",
 ]

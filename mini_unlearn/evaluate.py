@@ -18,7 +18,6 @@ Data arguments ``forget``, ``retain``, ``test`` are ``(X, y)`` tuples of tensors
 """
 from __future__ import annotations
 
-import math
 import resource
 import sys
 

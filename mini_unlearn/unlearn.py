@@ -68,6 +68,12 @@ def _check_forget(forget, model: nn.Module, n: int) -> int:
             raise ForgetSetError(f"forget X must be floating point, got {X.dtype}")
         if not torch.isfinite(X).all():
             raise ForgetSetError("forget X contains NaN/Inf")
+        try:
+            with torch.no_grad():
+                model(X[:1])
+        except Exception as exc:  # wrong feature shape/dtype for this model
+            raise ForgetSetError(f"the model cannot run on the forget samples (X shape "
+                                 f"{tuple(X.shape)}, dtype {X.dtype}): {exc}") from exc
     r = _batches.count(forget)
     if r == 0:
         raise ForgetSetError("the forget set is empty: pass at least one sample")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import gzip
-import os
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +22,16 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def test_digits_shapes_and_standardisation():
+def test_digits_unit_scaling_by_default():
     ds = load_dataset("digits", seed=0)
+    assert ds.X_train.min() >= 0 and ds.X_train.max() <= 1 and ds.X_train.max() > 0.99
+    assert torch.allclose(ds.X_test * 16, (ds.X_test * 16).round(), atol=1e-5)  # pixel / 16
+    with pytest.raises(ValueError, match="preprocess"):
+        load_dataset("digits", preprocess="whiten")
+
+
+def test_digits_shapes_and_standardisation():
+    ds = load_dataset("digits", seed=0, preprocess="standardize")
     assert ds.n_train == 1437 and ds.X_test.shape == (360, 64)
     assert ds.num_classes == 10 and ds.num_features == 64
     assert ds.X_train.dtype == torch.float32 and ds.y_train.dtype == torch.int64
@@ -36,8 +43,8 @@ def test_digits_shapes_and_standardisation():
     # stratified: every class in both parts, in proportion
     assert torch.bincount(ds.y_test, minlength=10).min() >= 30
     # seeded
-    again = load_dataset("digits", seed=0)
-    other = load_dataset("digits", seed=1)
+    again = load_dataset("digits", seed=0, preprocess="standardize")
+    other = load_dataset("digits", seed=1, preprocess="standardize")
     assert torch.equal(ds.X_train, again.X_train) and torch.equal(ds.y_test, again.y_test)
     assert not torch.equal(ds.y_train, other.y_train)
     assert "digits" in repr(ds)
@@ -150,7 +157,7 @@ def test_fashion_mnist_idx_files_from_env(tmp_path, monkeypatch):
     (d / "t10k-labels-idx1-ubyte").write_bytes(_idx_bytes(te_lab))
     monkeypatch.setenv("MINI_UNLEARN_DATA", str(tmp_path))
     monkeypatch.setattr(D, "SYSTEM_DATA_DIRS", ())
-    ds = load_dataset("fashion-mnist")
+    ds = load_dataset("fashion-mnist", preprocess="standardize")
     assert ds.X_train.shape == (30, 784) and ds.X_test.shape == (10, 784) and ds.num_classes == 10
     assert ds.y_train.tolist() == tr_lab.tolist() and ds.y_test.tolist() == te_lab.tolist()
     scale = ds.feature_scale.double().numpy()

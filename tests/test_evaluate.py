@@ -24,7 +24,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def digits():
-    return load_dataset("digits", seed=0)
+    return load_dataset("digits", seed=0, preprocess="standardize")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,364 @@
+"""Kernel benchmark: each native op's bandwidth against a plain copy of the same byte count, and
+its speed against eager PyTorch and torch.compile doing the same work.
+
+    python -m benchmarks.bench_kernels [--quick] [--device cpu|cuda] --json OUT [--plot OUT.png]
+
+For every op and size (1M, 16M and 64M elements; --quick: 16M only) it records
+  gbps               bytes the op must read + write / median time
+  ratio_to_copy      gbps / that of `dst.copy_(src)` (fp32) moving the same bytes, timed
+                     interleaved with the op in the same loop (so load from other processes
+                     hits both alike)
+  speedup_vs_eager   eager PyTorch time / native time
+  speedup_vs_compile torch.compile(eager function) time / native time (null if compile fails)
+
+The eager baselines are fp32 re-implementations of mini_unlearn.reference written here: the
+reference computes dequant_dot / dequant_axpy / contraction in float64 (it is the oracle of
+the tests, not a fast path), which would make the comparison unfair. Each baseline keeps the
+op's semantics (per-block absmax with the NaN/Inf check, round half to even, int4 packing, the
+stable (1 - a) / nu' with the nu' -> 0 limit) in fp32, written the way one would in PyTorch.
+
+dequant_dot_int8 and dequant_axpy_int8 use k = 8 rows of numel / 8 elements each, so the
+codes in total are `numel` bytes (k rows of numel each would need 8 x the memory at 64M).
+contraction_accumulate(_int8) always runs on one [4096, 4096] layer (16M elements), steps=156.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable
+
+import torch
+
+from mini_unlearn import backend, ops
+
+MIB = 1 << 20
+SIZES = (1 * MIB, 16 * MIB, 64 * MIB)
+QUICK_SIZES = (16 * MIB,)
+BLOCK = 256
+K_ROWS = 8
+CONTRACTION_SHAPE = (4096, 4096)
+STEPS, LAM, ETA = 156, 1e-3, 0.05
+TARGET_COPY, TARGET_COPY_CONTRACTION, TARGET_EAGER = 0.6, 0.5, 4.0
+
+
+# ---- eager fp32 baselines (the same semantics as the ops) -----------------------------------
+
+def eager_quantize(x: torch.Tensor, bits: int, block: int):
+    qmax = 127 if bits == 8 else 7
+    xb = x.float().view(-1, block)  # the benchmark's sizes are multiples of the block
+    absmax = xb.abs().amax(dim=1)
+    absmax = torch.where(torch.isfinite(xb).all(dim=1), absmax, float("nan"))
+    inv = torch.where(absmax > 0, qmax / absmax, 0.0)
+    q = torch.round(xb * inv[:, None]).clamp_(-qmax, qmax)
+    if bits == 8:
+        return q.to(torch.int8).view(-1), absmax
+    q = (q + 8).to(torch.uint8).view(-1, 2)
+    return q[:, 0] | (q[:, 1] << 4), absmax
+
+
+def _eager_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    if bits == 8:
+        return codes.float()
+    return torch.stack((codes & 0xF, codes >> 4), dim=-1).flatten(-2).float() - 8.0
+
+
+def eager_dequantize(codes: torch.Tensor, scales: torch.Tensor, bits: int, block: int) -> torch.Tensor:
+    qmax = 127 if bits == 8 else 7
+    q = _eager_codes(codes, bits)
+    return (q.view(*scales.shape, block) * (scales / qmax)[..., None]).flatten(-2)
+
+
+def eager_dot(codes, scales, v, bits: int, block: int) -> torch.Tensor:
+    return eager_dequantize(codes, scales, bits, block) @ v
+
+
+def eager_axpy(y, codes, scales, coeff, bits: int, block: int) -> torch.Tensor:
+    return y + coeff @ eager_dequantize(codes, scales, bits, block)
+
+
+def eager_contraction(acc, x, s_out, s_in, lam: float, eta: float, steps: int) -> None:
+    nu = s_out[:, None] * s_in[None, :] + lam
+    z = eta * nu
+    a = (1.0 - z) ** steps
+    safe = torch.where(nu == 0, 1.0, nu)
+    c_small = -torch.expm1(steps * torch.log1p(-z.clamp(max=0.5))) / safe
+    c = torch.where(z < 0.5, c_small, (1.0 - a) / safe)
+    c = torch.where(nu == 0, eta * steps, c)
+    acc.mul_(a).add_(c * x.view_as(acc))
+
+
+def eager_contraction_q(acc, codes, scales, s_out, s_in, lam, eta, steps, bits, block) -> None:
+    eager_contraction(acc, eager_dequantize(codes, scales, bits, block), s_out, s_in, lam, eta, steps)
+
+
+# ---- cases ----------------------------------------------------------------------------------
+
+def _nb(n: int) -> int:
+    return -(-n // BLOCK)
+
+
+def _cases(numel: int, device: str):
+    """(op name, numel, bytes, native(), eager(), extra fields) for one size, built lazily."""
+    g = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g).to(device)
+
+    def quantize(bits):
+        def build():
+            x = randn(numel)
+            nbytes = 4 * numel + (numel if bits == 8 else numel // 2) + 4 * _nb(numel)
+            return (nbytes, lambda: ops.quantize_blockwise(x, bits=bits, block=BLOCK),
+                    lambda: eager_quantize(x, bits, BLOCK), {})
+        return build
+
+    def dequantize(bits):
+        def build():
+            c, s = ops.quantize_blockwise(randn(numel), bits=bits, block=BLOCK)
+            nbytes = c.numel() + 4 * s.numel() + 4 * numel
+            return (nbytes, lambda: ops.dequantize_blockwise(c, s, bits=bits, block=BLOCK, numel=numel),
+                    lambda: eager_dequantize(c, s, bits, BLOCK), {})
+        return build
+
+    def rows():
+        m = numel // K_ROWS
+        pairs = [ops.quantize_blockwise(randn(m), bits=8, block=BLOCK) for _ in range(K_ROWS)]
+        return m, torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+    def dot():
+        m, c, s = rows()
+        v = randn(m)
+        nbytes = c.numel() + 4 * s.numel() + 4 * m + 4 * K_ROWS
+        return (nbytes, lambda: ops.dequant_dot(c, s, v, bits=8, block=BLOCK),
+                lambda: eager_dot(c, s, v, 8, BLOCK), {"k": K_ROWS, "row_numel": m})
+
+    def axpy():
+        m, c, s = rows()
+        y, coeff = randn(m), randn(K_ROWS)
+        nbytes = 4 * m + c.numel() + 4 * s.numel() + 4 * K_ROWS + 4 * m
+        return (nbytes, lambda: ops.dequant_axpy(y, c, s, coeff, bits=8, block=BLOCK),
+                lambda: eager_axpy(y, c, s, coeff, 8, BLOCK), {"k": K_ROWS, "row_numel": m})
+
+    def spectra():
+        d_out, d_in = CONTRACTION_SHAPE
+        s_out = torch.rand(d_out, generator=g).to(device) * 4.0
+        s_in = torch.rand(d_in, generator=g).to(device) * 4.0  # eta nu' up to ~0.8
+        acc = randn(d_out, d_in)
+        return d_out * d_in, s_out, s_in, acc
+
+    def contraction():
+        n, s_out, s_in, acc = spectra()
+        x = randn(*CONTRACTION_SHAPE)
+        acc_e = acc.clone()
+        nbytes = 12 * n + 4 * (s_out.numel() + s_in.numel())
+        return (nbytes,
+                lambda: ops.contraction_accumulate(acc, x, s_out, s_in, lam=LAM, eta=ETA, steps=STEPS),
+                lambda: eager_contraction(acc_e, x, s_out, s_in, LAM, ETA, STEPS),
+                {"shape": list(CONTRACTION_SHAPE), "steps": STEPS})
+
+    def contraction_q():
+        n, s_out, s_in, acc = spectra()
+        c, s = ops.quantize_blockwise(randn(n), bits=8, block=BLOCK)
+        acc_e = acc.clone()
+        nbytes = 8 * n + c.numel() + 4 * s.numel() + 4 * (s_out.numel() + s_in.numel())
+        return (nbytes,
+                lambda: ops.contraction_accumulate(acc, c, s_out, s_in, lam=LAM, eta=ETA, steps=STEPS,
+                                                   bits=8, scales=s, block=BLOCK),
+                lambda: eager_contraction_q(acc_e, c, s, s_out, s_in, LAM, ETA, STEPS, 8, BLOCK),
+                {"shape": list(CONTRACTION_SHAPE), "steps": STEPS})
+
+    return [("quantize_int8", quantize(8)), ("dequantize_int8", dequantize(8)),
+            ("quantize_int4", quantize(4)), ("dequantize_int4", dequantize(4)),
+            ("dequant_dot_int8", dot), ("dequant_axpy_int8", axpy)], \
+           [("contraction_accumulate", contraction), ("contraction_accumulate_int8", contraction_q)]
+
+
+# ---- timing ---------------------------------------------------------------------------------
+
+def _sync(device: str) -> Callable[[], None]:
+    return torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+
+def _time_once(fn, sync) -> float:
+    sync()
+    t = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t
+
+
+def _median_interleaved(fns, repeats: int, sync, warmup: int = 2) -> list[float]:
+    """Median time of each fn, timing them in turn within one loop."""
+    for _ in range(warmup):
+        for f in fns:
+            f()
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for f, ts in zip(fns, times):
+            ts.append(_time_once(f, sync))
+    return [statistics.median(ts) for ts in times]
+
+
+def _copy_fn(nbytes: int, device: str):
+    """A copy of an fp32 tensor that moves `nbytes` (read + write)."""
+    n = max(1, nbytes // 8)
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    return lambda: dst.copy_(src)
+
+
+def _compile(eager, errors: list[str], name: str):
+    """torch.compile(eager), warmed up; None if it fails."""
+    try:
+        torch._dynamo.reset()
+        cfn = torch.compile(eager, dynamic=False)
+        cfn()
+        cfn()
+        return cfn
+    except Exception as exc:  # noqa: BLE001 (report and go on: compile is a baseline only)
+        errors.append(f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+        return None
+
+
+def _bench_row(name, numel, build, device, repeats, eager_repeats, errors, log):
+    sync = _sync(device)
+    t0 = time.perf_counter()
+    nbytes, native, eager, extra = build()
+    copy = _copy_fn(nbytes, device)
+    t_copy, t_native = _median_interleaved([copy, native], repeats, sync)
+    (t_eager,) = _median_interleaved([eager], eager_repeats, sync, warmup=1)
+    compiled = _compile(eager, errors, name)
+    t_compile = (_median_interleaved([compiled], eager_repeats, sync, warmup=1)[0]
+                 if compiled is not None else None)
+    gbps, copy_gbps = nbytes / t_native / 1e9, nbytes / t_copy / 1e9
+    row = {
+        "op": name, "numel": numel, "gbps": round(gbps, 3),
+        "ratio_to_copy": round(gbps / copy_gbps, 3),
+        "speedup_vs_eager": round(t_eager / t_native, 2),
+        "speedup_vs_compile": None if t_compile is None else round(t_compile / t_native, 2),
+        "bytes": nbytes, "time_s": t_native, "copy_gbps": round(copy_gbps, 3),
+        "eager_time_s": t_eager, "compile_time_s": t_compile, **extra,
+    }
+    log(f"{name:28s} {numel:>10d}  {gbps:7.2f} GB/s  x{row['ratio_to_copy']:.2f} copy  "
+        f"x{row['speedup_vs_eager']:.1f} eager  "
+        f"{'x%.2f compile' % row['speedup_vs_compile'] if t_compile else 'compile n/a'}  "
+        f"({time.perf_counter() - t0:.0f}s)")
+    return row
+
+
+def run(quick: bool, device: str, repeats: int | None = None, log=print) -> dict:
+    """Benchmark every op; returns the JSON-able dict described in the module docstring."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda asked, but torch.cuda.is_available() is False")
+    sizes = QUICK_SIZES if quick else SIZES
+    repeats = repeats or (7 if quick else 15)
+    eager_repeats = 3 if quick else 5
+    sync = _sync(device)
+    errors: list[str] = []
+    largest = max(sizes)
+    (t_copy,) = _median_interleaved([_copy_fn(8 * largest, device)], repeats, sync)
+    copy_gbps = 8 * largest / t_copy / 1e9
+    log(f"copy: fp32 {largest} elements, {copy_gbps:.2f} GB/s ({torch.get_num_threads()} threads)")
+    results = []
+    flat_cases, contraction_cases = _cases(0, device)
+    for numel in sizes:
+        for name, _ in flat_cases:
+            build = dict(_cases(numel, device)[0])[name]
+            results.append(_bench_row(name, numel, build, device, repeats, eager_repeats, errors, log))
+    n_contraction = CONTRACTION_SHAPE[0] * CONTRACTION_SHAPE[1]
+    for name, build in contraction_cases:
+        results.append(_bench_row(name, n_contraction, build, device, repeats, eager_repeats, errors, log))
+    return {
+        "copy_gbps": round(copy_gbps, 3),
+        "threads": torch.get_num_threads(),
+        "device": device,
+        "results": results,
+        "backend": backend(),
+        "torch": torch.__version__,
+        "cpu": _cpu_name(),
+        "quick": quick,
+        "repeats": repeats,
+        "block": BLOCK,
+        "dot_axpy_layout": f"k={K_ROWS} rows of numel/{K_ROWS} elements each (numel codes in total)",
+        "contraction": {"shape": list(CONTRACTION_SHAPE), "steps": STEPS, "lam": LAM, "eta": ETA},
+        "baselines": "eager: fp32 PyTorch re-implementations in this file (the reference computes "
+                     "in float64); compile: torch.compile of the same functions",
+        "gbps_definition": "bytes the op must read + write / median time; ratio_to_copy against "
+                           "dst.copy_(src) of the same bytes timed interleaved in the same loop",
+        "thp_mem_alloc_enable": os.environ.get("THP_MEM_ALLOC_ENABLE"),
+        "compile_errors": errors,
+        "targets": {"ratio_to_copy": TARGET_COPY, "ratio_to_copy_contraction": TARGET_COPY_CONTRACTION,
+                    "speedup_vs_eager": TARGET_EAGER, "contraction_vs_compile": 1.0},
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["results"]
+    ops_order = list(dict.fromkeys(r["op"] for r in rows))
+    sizes = sorted({r["numel"] for r in rows if not r["op"].startswith("contraction")})
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    width = 0.8 / max(1, len(sizes))
+    for si, numel in enumerate(sizes):
+        xs, ys = [], []
+        for oi, op in enumerate(ops_order):
+            match = [r for r in rows if r["op"] == op and (r["numel"] == numel or op.startswith("contraction"))]
+            if match and (not op.startswith("contraction") or si == 0):
+                xs.append(oi + (si - (len(sizes) - 1) / 2) * width if not op.startswith("contraction") else oi)
+                ys.append(match[0]["ratio_to_copy"])
+        ax.bar(xs, ys, width, label=f"{numel // MIB}M elements")
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.axhline(TARGET_COPY, color="r", ls="--", lw=0.8, label=f"target {TARGET_COPY}x copy")
+    ax.set_xticks(range(len(ops_order)))
+    ax.set_xticklabels(ops_order, rotation=20, ha="right")
+    ax.set_ylabel("bandwidth / copy bandwidth")
+    ax.set_title(f"mini_unlearn kernels on {result['device']} ({result['threads']} threads, "
+                 f"copy {result['copy_gbps']:.1f} GB/s)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_kernels", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="16M elements only, fewer repeats")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--json", required=True, help="write the results here")
+    p.add_argument("--plot", help="write a bar chart of ratio_to_copy here (PNG)")
+    p.add_argument("--repeats", type=int, help="timed repeats of the native op and the copy")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = run(args.quick, args.device, args.repeats, log=lambda s: print(s, file=sys.stderr, flush=True))
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(result, f, indent=2)
+    if args.plot:
+        plot(result, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

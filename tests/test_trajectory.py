@@ -1,0 +1,86 @@
+"""Trajectory mode (DESIGN §2.2, issue 4): SGD-trained models on MNIST-5k against retraining with
+the same recipe, initialisation and batch sequence minus the forget samples."""
+import pytest
+import torch
+
+import mini_unlearn as mu
+from mini_unlearn import models as M
+from mini_unlearn.data import forget_split, load_dataset
+
+RATIOS = (0.01, 0.1, 0.3, 0.5)
+
+
+def vec(m):
+    return torch.cat([p.detach().reshape(-1) for p in m.parameters()])
+
+
+def acc(m, X, y):
+    with torch.no_grad():
+        return (m(X).argmax(1) == y).float().mean().item()
+
+
+class SgdRun:
+    def __init__(self, kind, K=10):
+        self.ds = ds = load_dataset("mnist5k", seed=0, preprocess="unit")
+        self.kind = kind
+        self.recipe = M.default_recipe(kind, "sgd")
+        if kind == "logreg":
+            self.recipe.weight_decay = 1e-3
+        self.model = self.fresh()
+        steps = len(M.batch_schedule(ds.n_train, self.recipe))
+        rec = mu.Recorder(self.model, checkpoints=K, total_steps=steps)
+        self.train_stats = M.train(self.model, ds.X_train, ds.y_train, self.recipe, step_callback=rec.step)
+        self.log = rec.finalize((ds.X_train, ds.y_train), M.loss_fn, weight_decay=self.recipe.weight_decay,
+                                progress=False)
+
+    def fresh(self):
+        return M.make_model(self.kind, self.ds.num_features, self.ds.num_classes, seed=0)
+
+    def retrain(self, retain_idx):
+        m = self.fresh()
+        M.train(m, self.ds.X_train, self.ds.y_train, self.recipe, indices=retain_idx)
+        return m
+
+
+@pytest.mark.parametrize("kind,bound,acc_gap", [("logreg", 0.5, 0.01), ("mlp", 0.85, 0.03)])
+def test_trajectory_tracks_same_recipe_retraining(kind, bound, acc_gap):
+    run = SgdRun(kind)
+    ds = run.ds
+    assert run.log.meta["modes"] == ["oneshot", "refresh", "trajectory"]
+    assert len(run.log.meta["segments"]) == 10
+    for ratio in RATIOS:
+        f, r = forget_split(ds.n_train, ratio, seed=1)
+        ref = run.retrain(r)
+        res = mu.unlearn(run.model, run.log, indices=f, loss_fn=M.loss_fn)  # auto -> trajectory
+        assert res.mode == "trajectory" and res.passes == 10
+        rel = float((vec(res.model) - vec(ref)).norm() / (vec(run.model) - vec(ref)).norm())
+        assert rel <= bound, (kind, ratio, rel)
+        assert abs(acc(res.model, ds.X_test, ds.y_test) - acc(ref, ds.X_test, ds.y_test)) <= acc_gap + 1e-6
+        Xf, yf = ds.X_train[f], ds.y_train[f]
+        assert abs(acc(res.model, Xf, yf) - acc(ref, Xf, yf)) <= abs(acc(run.model, Xf, yf) - acc(ref, Xf, yf)) + 1e-6
+        retrain_evals = run.recipe.epochs * len(r)
+        assert res.grad_evals <= (0.5 if ratio == 0.5 else 0.05 if ratio == 0.01 else 1.0) * retrain_evals
+
+
+def test_recorder_thins_segments_when_steps_are_unknown():
+    model = torch.nn.Linear(5, 3)
+    rec = mu.Recorder(model, checkpoints=4)
+    X, y = torch.randn(40, 5), torch.randint(0, 3, (40,))
+    for t in range(37):
+        model.zero_grad()
+        M.loss_fn(model(X[t % 40:t % 40 + 1]), y[t % 40:t % 40 + 1]).backward()
+        rec.step(lr=0.1 if t < 20 else 0.05)
+    log = rec.finalize((X, y), M.loss_fn, weight_decay=1e-3, progress=False)
+    segs = log.meta["segments"]
+    assert 2 <= len(segs) <= 4
+    assert sum(s["steps"] for s in segs) == 37
+    assert sum(n for s in segs for _, n in s["lr_runs"]) == 37
+    lrs = {lr for s in segs for lr, _ in s["lr_runs"]}
+    assert lrs == {0.1, 0.05}
+
+
+def test_step_before_backward_is_an_error():
+    model = torch.nn.Linear(5, 3)
+    rec = mu.Recorder(model, checkpoints=2)
+    with pytest.raises(RuntimeError, match="backward"):
+        rec.step(lr=0.1)
