@@ -35,10 +35,13 @@ def _two_loop(g, S, Y, H0):
 
 def lbfgs(fg: Callable[[torch.Tensor], tuple[float, torch.Tensor]], w0: torch.Tensor, f0: float,
           g0: torch.Tensor, H0: Callable[[torch.Tensor], torch.Tensor], *, max_evals: int,
-          tol: float, memory: int = 10, c1: float = 1e-4, max_halvings: int = 30) -> LbfgsResult:
+          tol: float, memory: int = 10, c1: float = 1e-4, max_halvings: int = 30,
+          f_noise: float = 1e-7) -> LbfgsResult:
     """Minimise f from w0 whose value f0 and gradient g0 are given (so the first step costs no
     extra pass). Stops when ‖g‖ ≤ tol·‖g0‖ or after ``max_evals`` calls of ``fg``; raises
-    LineSearchError when a line search exhausts ``max_halvings`` halvings."""
+    LineSearchError when a line search exhausts ``max_halvings`` halvings. ``f_noise`` is the
+    relative rounding noise of f (float32 sums), below which an approximate-Wolfe test on the
+    slope replaces Armijo (Hager & Zhang)."""
     w, f, g = w0.clone(), float(f0), g0.clone()
     target = tol * float(g0.norm())
     S: list[torch.Tensor] = []
@@ -60,9 +63,10 @@ def lbfgs(fg: Callable[[torch.Tensor], tuple[float, torch.Tensor]], w0: torch.Te
             evals += 1
             if not torch.isfinite(g_new).all():
                 raise NonFiniteError("NaN/Inf in the retained gradient during refresh")
-            if f_new <= f + c1 * t * gd:
-                accepted = True
-                break
+            if f_new <= f + c1 * t * gd or (f_new <= f + f_noise * abs(f) and
+                                              abs(float(torch.dot(g_new, d))) <= 0.9 * abs(gd)):
+                accepted = True  # Armijo, or (near the optimum, where f's rounding hides the
+                break            # decrease) f within noise and the slope cut as by a Wolfe step
             t *= 0.5
         else:
             raise LineSearchError(f"refresh: the line search exhausted {max_halvings} halvings "

@@ -169,7 +169,7 @@ def _bad_inputs(c):
         (dict(indices=[1, 2], mode="sideways"), ValueError, "unknown mode"),
         (dict(indices=[1, 2], mode="trajectory"), ValueError, "checkpoints"),
         (dict(indices=[1, 2], method="magic"), ValueError, "unknown method"),
-        (dict(indices=[1, 2], model=other), mu.LogMismatchError, ""),
+        (dict(indices=[1, 2], model=other), mu.LogMismatchError, None),
     ]
 
 
