@@ -23,6 +23,68 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+class _BadArguments(MiniUnlearnError):
+    """A command's arguments are wrong (reported in one line, exit code 2)."""
+
+
+def _config(args: argparse.Namespace):
+    from .data import load_dataset
+    from .experiment import Config
+
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    cfg = Config(data=args.data, model=args.model, forget_ratio=args.forget_ratio, methods=methods,
+                 seed=args.seed, recipe=args.recipe, epochs=args.epochs, checkpoints=args.checkpoints,
+                 compression=args.compression, device=args.device)
+    try:
+        cfg.validate()
+        load_dataset(cfg.data, seed=cfg.seed)  # fail fast on a missing or malformed file
+    except ValueError as exc:
+        raise _BadArguments(str(exc)) from None
+    return cfg
+
+
+def _run(cfg, json_path: str, plot_path: str | None) -> int:
+    import json
+
+    from .experiment import format_table, plot, run_experiment
+
+    result = run_experiment(cfg, progress=sys.stderr.isatty())
+    print(format_table(result))
+    with open(json_path, "w") as fh:
+        json.dump(result, fh, indent=2)
+    print(f"wrote {json_path}")
+    if plot_path:
+        plot(result, plot_path)
+        print(f"wrote {plot_path}")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    return _run(_config(args), args.json, args.plot)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .experiment import ALL_METHODS, Config
+
+    cfg = Config(data="mnist5k", model="mlp", forget_ratio=0.3, methods=ALL_METHODS, seed=args.seed)
+    return _run(cfg, args.json, args.plot)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import importlib
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    try:
+        mod = importlib.import_module(f"benchmarks.bench_{args.what}")
+    except ImportError as exc:
+        raise _BadArguments(f"the benchmarks live in the source checkout (benchmarks/): {exc}") from None
+    argv = ["--json", args.json] + (["--quick"] if args.quick else []) + (["--plot", args.plot] if args.plot else [])
+    return int(mod.main(argv) or 0)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -36,6 +98,42 @@ def _build_parser() -> argparse.ArgumentParser:
                                    "parameters, entries, row lists, meta, sizes and compression ratio.")
     p.add_argument("path", help="log directory written by GradientLog.save")
     p.set_defaults(func=_cmd_inspect)
+
+    from .experiment import ALL_METHODS
+
+    p = sub.add_parser("run", help="train with recording, unlearn with every method, compare",
+                       description="Train the original model with recording (tqdm progress), pick a "
+                                   "seeded random forget set, run every method, evaluate each against "
+                                   "retraining (and a second retraining's noise floor), print a table "
+                                   "and write JSON (and a plot).")
+    p.add_argument("--data", default="mnist5k", help="digits, mnist5k, fashion-mnist or PATH.npz")
+    p.add_argument("--model", default="mlp", help="logreg or mlp")
+    p.add_argument("--forget-ratio", type=float, default=0.3, help="fraction of training data to forget")
+    p.add_argument("--methods", default=",".join(ALL_METHODS), help="comma-separated list")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--recipe", choices=["lbfgs", "sgd"], default=None,
+                   help="training recipe (default: lbfgs for logreg, sgd for mlp)")
+    p.add_argument("--epochs", type=int, default=None, help="override the recipe's SGD epochs")
+    p.add_argument("--checkpoints", type=int, default=10, help="trajectory checkpoints K")
+    p.add_argument("--compression", default="int8", choices=["int8", "int4", "bf16", "fp32"])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--json", required=True, help="write the results here")
+    p.add_argument("--plot", help="write a PNG plot here")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("demo", help="run on MNIST-5k with an MLP, forget 30%%, every method",
+                       description="`run` on mnist5k with the MLP, ratio 0.3 and every method.")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default="demo.json")
+    p.add_argument("--plot", default="demo.png")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("bench", help="kernel or end-to-end unlearning benchmarks (JSON + PNG)")
+    p.add_argument("what", choices=["kernels", "unlearn"])
+    p.add_argument("--quick", action="store_true", help="a shorter run")
+    p.add_argument("--json", required=True)
+    p.add_argument("--plot")
+    p.set_defaults(func=_cmd_bench)
 
     return parser
 

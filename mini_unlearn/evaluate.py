@@ -198,8 +198,8 @@ def evaluate(model: nn.Module, forget: XY, retain: XY, test: XY, reference: nn.M
 
     Always: ``test_acc``, ``retain_acc``, ``forget_acc``, ``mia_loss``, ``mia_entropy``,
     ``mia_efficacy``. With a ``reference`` (the retrained model): ``l2_to_retrain``
-    (``||w - w_ref||``), ``kl_to_retrain`` (mean ``KL(ref || model)`` on the forget set) and
-    ``kl_to_retrain_test`` (on the test set); with ``original`` too: ``rel_l2_to_retrain``
+    (``||w - w_ref||``), ``kl_to_retrain`` (mean ``KL(ref || model)`` on the test set) and
+    ``kl_to_retrain_forget`` (on the forget set); with ``original`` too: ``rel_l2_to_retrain``
     = ``||w - w_ref|| / ||w_original - w_ref||`` (``nan`` if the original equals the reference).
     ``seconds`` and ``peak_rss_bytes`` are copied in when given.
     """
@@ -217,8 +217,8 @@ def evaluate(model: nn.Module, forget: XY, retain: XY, test: XY, reference: nn.M
         if original is not None:
             base = param_distance(original, reference)
             out["rel_l2_to_retrain"] = d / base if base > 0 else float("nan")
-        out["kl_to_retrain"] = kl_to(model, reference, forget[0])
-        out["kl_to_retrain_test"] = kl_to(model, reference, test[0])
+        out["kl_to_retrain"] = kl_to(model, reference, test[0])
+        out["kl_to_retrain_forget"] = kl_to(model, reference, forget[0])
     if seconds is not None:
         out["seconds"] = float(seconds)
     if peak_rss_bytes is not None:

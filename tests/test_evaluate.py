@@ -110,7 +110,7 @@ def test_evaluate_keys_and_json(digits, memorised):
     out = evaluate(original, forget, retain, test, reference=retrained, original=original,
                    seconds=1.5, peak_rss_bytes=peak_rss_bytes())
     assert set(out) == base | {"l2_to_retrain", "rel_l2_to_retrain", "kl_to_retrain",
-                               "kl_to_retrain_test", "seconds", "peak_rss_bytes"}
+                               "kl_to_retrain_forget", "seconds", "peak_rss_bytes"}
     assert all(type(v) is float for v in out.values())
     assert out["rel_l2_to_retrain"] == pytest.approx(1.0)
     assert out["seconds"] == 1.5 and out["peak_rss_bytes"] > 10 * 2**20

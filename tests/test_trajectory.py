@@ -57,7 +57,9 @@ def test_trajectory_tracks_same_recipe_retraining(kind, bound, acc_gap):
         assert rel <= bound, (kind, ratio, rel)
         assert abs(acc(res.model, ds.X_test, ds.y_test) - acc(ref, ds.X_test, ds.y_test)) <= acc_gap + 1e-6
         Xf, yf = ds.X_train[f], ds.y_train[f]
-        assert abs(acc(res.model, Xf, yf) - acc(ref, Xf, yf)) <= abs(acc(run.model, Xf, yf) - acc(ref, Xf, yf)) + 1e-6
+        # forget accuracy moves from the original's toward retraining's (up to one sample's flip)
+        gap_u, gap_o = abs(acc(res.model, Xf, yf) - acc(ref, Xf, yf)), abs(acc(run.model, Xf, yf) - acc(ref, Xf, yf))
+        assert gap_u <= gap_o + 1.0 / len(f) + 1e-6, (ratio, gap_u, gap_o)
         retrain_evals = run.recipe.epochs * len(r)
         assert res.grad_evals <= (0.5 if ratio == 0.5 else 0.05 if ratio == 0.01 else 1.0) * retrain_evals
 

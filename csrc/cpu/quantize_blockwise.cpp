@@ -8,8 +8,11 @@ namespace mini_unlearn {
 namespace {
 
 // absmax of a block; NaN if the block holds a NaN or Inf (so a bad gradient cannot hide).
+// Both reductions are order-independent (max of |x|; a sum of zeros unless NaN), so the
+// vectorised form gives the same value as a sequential loop.
 MU_CLONES float block_absmax(const float* x, int64_t n) {
   float m = 0.f, poison = 0.f;
+#pragma omp simd reduction(max : m) reduction(+ : poison)
   for (int64_t i = 0; i < n; ++i) {
     float a = std::fabs(x[i]);
     m = a > m ? a : m;
@@ -18,37 +21,55 @@ MU_CLONES float block_absmax(const float* x, int64_t n) {
   return poison == 0.f ? m : NAN;
 }
 
-MU_CLONES void encode_int8(const float* x, int64_t n, float inv, float* noise, int8_t* out) {
-  for (int64_t i = 0; i < n; ++i)
-    out[i] = static_cast<int8_t>(quantize_value(x[i], inv, 127, noise ? noise[i] : -1.f));
+// Codes of n elements as int8 (qmax 127, or 7 for int4 before packing), round to nearest.
+MU_CLONES void encode_nearest(const float* x, int64_t n, float inv, int qmax, int8_t* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<int8_t>(quantize_value(x[i], inv, qmax, -1.f));
 }
 
-MU_CLONES void encode_int4(const float* x, int64_t n, float inv, float* noise, uint8_t* out) {
-  for (int64_t i = 0; i + 1 < n; i += 2)
-    out[i / 2] = pack_int4(quantize_value(x[i], inv, 7, noise ? noise[i] : -1.f),
-                           quantize_value(x[i + 1], inv, 7, noise ? noise[i + 1] : -1.f));
-  if (n & 1) out[n / 2] = pack_int4(quantize_value(x[n - 1], inv, 7, noise ? noise[n - 1] : -1.f), 0);
+// Stochastic rounding; `start` is the index of x[0] in the whole tensor (the noise stream is
+// indexed by it).
+MU_CLONES void encode_stochastic(const float* x, int64_t n, float inv, int qmax, int64_t start,
+                                 int64_t seed, int8_t* out) {
+  for (int64_t i = 0; i < n; ++i)
+    out[i] = static_cast<int8_t>(quantize_value(x[i], inv, qmax, uniform_from_index(start + i, seed)));
+}
+
+// Two int4 codes per byte, element 2j in the low nibble of byte j (n odd: high nibble 0).
+MU_CLONES void pack_codes_int4(const int8_t* q, int64_t n, uint8_t* out) {
+  const int64_t npairs = n / 2;
+  for (int64_t j = 0; j < npairs; ++j) out[j] = pack_int4(q[2 * j], q[2 * j + 1]);
+  if (n & 1) out[npairs] = pack_int4(q[n - 1], 0);
 }
 
 template <typename scalar_t>
 void quantize_cpu_impl(const scalar_t* x, int64_t numel, int bits, int64_t block, bool stochastic,
                        int64_t seed, uint8_t* codes, float* scales) {
   const int qmax = qmax_for_bits(bits);
+  const bool stream = code_bytes(numel, bits) >= kStreamBytes;
   at::parallel_for(0, num_blocks(numel, block), grain_blocks(block), [&](int64_t b0, int64_t b1) {
-    float xbuf[kMaxBlock], noise[kMaxBlock];
+    alignas(64) float xbuf[kMaxBlock];
+    alignas(64) int8_t qbuf[kMaxBlock];
+    alignas(64) uint8_t pbuf[kMaxBlock / 2];
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t start = b * block, n = std::min(block, numel - start);
       const float* xb = as_float(x + start, n, xbuf);
       const float absmax = block_absmax(xb, n);
       scales[b] = absmax;
-      if (stochastic)
-        for (int64_t i = 0; i < n; ++i) noise[i] = uniform_from_index(start + i, seed);
       const float inv = quant_inv_scale(absmax, qmax);
-      if (bits == 8)
-        encode_int8(xb, n, inv, stochastic ? noise : nullptr, reinterpret_cast<int8_t*>(codes) + start);
-      else
-        encode_int4(xb, n, inv, stochastic ? noise : nullptr, codes + start / 2);
+      // int8 codes go straight to the output unless it is streamed
+      int8_t* q = (bits == 8 && !stream) ? reinterpret_cast<int8_t*>(codes) + start : qbuf;
+      if (stochastic) encode_stochastic(xb, n, inv, qmax, start, seed, q);
+      else encode_nearest(xb, n, inv, qmax, q);
+      if (bits == 8) {
+        if (stream) stream_copy_u8(codes + start, reinterpret_cast<const uint8_t*>(qbuf), n);
+      } else if (stream) {
+        pack_codes_int4(qbuf, n, pbuf);
+        stream_copy_u8(codes + start / 2, pbuf, (n + 1) / 2);
+      } else {
+        pack_codes_int4(qbuf, n, codes + start / 2);
+      }
     }
+    if (stream) stream_fence();
   });
 }
 
@@ -63,6 +84,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cpu(const at::Tensor& x, i
   const int64_t numel = x.numel();
   at::Tensor codes = at::empty({code_bytes(numel, bits)}, x.options().dtype(code_dtype(bits)));
   at::Tensor scales = at::empty({num_blocks(numel, block)}, x.options().dtype(at::kFloat));
+  advise_huge_pages(codes.data_ptr(), codes.numel());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "quantize_blockwise", [&] {
     quantize_cpu_impl<scalar_t>(x.data_ptr<scalar_t>(), numel, bits, block, stochastic, seed,
                                 static_cast<uint8_t*>(codes.data_ptr()), scales.data_ptr<float>());

@@ -1,9 +1,17 @@
-// CPU-only helpers: runtime SIMD dispatch and float staging buffers.
+// CPU-only helpers: runtime SIMD dispatch, float staging buffers, and the memory-traffic
+// helpers of the large-output kernels (huge-page advice, streaming stores).
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include "../quantize.h"
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 // The baseline build is AVX2+FMA (-mavx2 -mfma -mf16c). Hot loops are cloned for AVX-512
 // (x86-64-v4) and picked at load time by the CPU's features (gcc function multiversioning).
@@ -37,6 +45,64 @@ inline void store_from_float(const float* buf, int64_t n, scalar_t* out) {
 // Work split: a grain of about 32k elements per task.
 inline int64_t grain_blocks(int64_t block) { return std::max<int64_t>(1, 32768 / block); }
 
+// ---- memory traffic of large outputs ----------------------------------------------------------
+//
+// A freshly allocated output is first touched by the kernel. With 4 KiB pages every touch of
+// a new page is a fault (a zeroed page from the OS); on VMs where that fault is expensive it
+// costs several times the kernel's own work (measured: first touch at ~2 GB/s vs ~20 GB/s with
+// 2 MiB pages). PyTorch can back every large allocation with transparent huge pages
+// (THP_MEM_ALLOC_ENABLE=1); without it, the kernels ask for them on their own outputs.
+constexpr int64_t kHugePage = int64_t(1) << 21;
+
+inline void advise_huge_pages(void* p, int64_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  if (bytes < 2 * kHugePage) return;
+  auto lo = (reinterpret_cast<uintptr_t>(p) + kHugePage - 1) & ~uintptr_t(kHugePage - 1);
+  auto hi = (reinterpret_cast<uintptr_t>(p) + bytes) & ~uintptr_t(kHugePage - 1);
+  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);  // advice only
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
+
+// Outputs at least this large are written with streaming (non-temporal) stores: they do not
+// fit in cache anyway, and a normal store first reads the line it overwrites (write-allocate),
+// which would add the output's size again to the memory traffic.
+constexpr int64_t kStreamBytes = int64_t(16) << 20;
+
+#if defined(__AVX__)
+#define MU_HAVE_STREAM 1
+#endif
+
+// dst[0, n) = src[0, n) with streaming stores where dst is 32-byte aligned.
+MU_CLONES static void stream_copy_f32(float* dst, const float* src, int64_t n) {
+  int64_t i = 0;
+#ifdef MU_HAVE_STREAM
+  for (; i < n && (reinterpret_cast<uintptr_t>(dst + i) & 31); ++i) dst[i] = src[i];
+  for (; i + 8 <= n; i += 8) _mm256_stream_ps(dst + i, _mm256_loadu_ps(src + i));
+#endif
+  for (; i < n; ++i) dst[i] = src[i];
+}
+
+MU_CLONES static void stream_copy_u8(uint8_t* dst, const uint8_t* src, int64_t n) {
+  int64_t i = 0;
+#ifdef MU_HAVE_STREAM
+  for (; i < n && (reinterpret_cast<uintptr_t>(dst + i) & 31); ++i) dst[i] = src[i];
+  for (; i + 32 <= n; i += 32)
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + i),
+                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i)));
+#endif
+  for (; i < n; ++i) dst[i] = src[i];
+}
+
+// Orders this thread's streaming stores before the parallel region ends.
+inline void stream_fence() {
+#ifdef MU_HAVE_STREAM
+  _mm_sfence();
+#endif
+}
+
 }  // namespace mini_unlearn
 
 namespace mini_unlearn {
@@ -45,10 +111,27 @@ MU_CLONES static void decode_int8(const int8_t* codes, int64_t n, float step, fl
   for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(codes[i]) * step;
 }
 
-MU_CLONES static void decode_int4(const uint8_t* codes, int64_t start, int64_t n, float step,
-                                  float* out) {
-  for (int64_t i = start; i < start + n; ++i)
-    out[i - start] = static_cast<float>(unpack_int4(codes[i >> 1], static_cast<int>(i & 1))) * step;
+// Whole bytes: out[2j], out[2j+1] from the low and high nibble of bytes[j].
+MU_CLONES static void decode_int4_pairs(const uint8_t* bytes, int64_t npairs, float step, float* out) {
+  for (int64_t j = 0; j < npairs; ++j) {
+    const uint8_t b = bytes[j];
+    out[2 * j] = static_cast<float>(unpack_int4(b, 0)) * step;
+    out[2 * j + 1] = static_cast<float>(unpack_int4(b, 1)) * step;
+  }
+}
+
+static inline void decode_int4(const uint8_t* codes, int64_t start, int64_t n, float step,
+                               float* out) {
+  int64_t i = start;
+  const int64_t end = start + n;
+  if ((i & 1) && i < end) {  // odd start: the high nibble of a byte first
+    out[0] = static_cast<float>(unpack_int4(codes[i >> 1], 1)) * step;
+    ++i;
+  }
+  const int64_t npairs = (end - i) / 2;
+  decode_int4_pairs(codes + (i >> 1), npairs, step, out + (i - start));
+  i += 2 * npairs;
+  if (i < end) out[i - start] = static_cast<float>(unpack_int4(codes[i >> 1], 0)) * step;
 }
 
 // Decode elements [start, start + n) of one compressed row (n within one block) into out.
