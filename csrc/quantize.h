@@ -38,8 +38,7 @@ HOST_DEVICE float uniform_from_index(int64_t index, int64_t seed) {
 // (unbiased stochastic rounding when noise ~ U[0, 1)).
 HOST_DEVICE int quantize_value(float x, float inv_scale, int qmax, float noise) {
   float y = inv_scale == 0.f ? 0.f : x * inv_scale;  // zero or non-finite block: all codes 0
-  const float nearest = nearbyintf(y), stochastic = floorf(y + noise);  // both: a select, no branch
-  float r = noise < 0.f ? nearest : stochastic;
+  float r = noise < 0.f ? nearbyintf(y) : floorf(y + noise);
   r = r > static_cast<float>(qmax) ? static_cast<float>(qmax) : r;
   r = r < -static_cast<float>(qmax) ? -static_cast<float>(qmax) : r;
   return static_cast<int>(r);
