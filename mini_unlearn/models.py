@@ -315,7 +315,7 @@ def _train_lbfgs(model: nn.Module, X: Tensor, y: Tensor, recipe: Recipe, progres
 
 
 def _train_sgd(model: nn.Module, X: Tensor, y: Tensor, recipe: Recipe, indices: Tensor | None,
-               step_callback: Callable[[float], None] | None, progress: bool) -> dict:
+               step_callback: Callable[..., None] | None, progress: bool) -> dict:
     n = int(X.shape[0])
     schedule = batch_schedule(n, recipe)
     spe = steps_per_epoch(n, recipe)
@@ -340,7 +340,7 @@ def _train_sgd(model: nn.Module, X: Tensor, y: Tensor, recipe: Recipe, indices: 
         loss = loss_fn(model(X[b]), y[b])
         loss.backward()
         if step_callback is not None:
-            step_callback(lr)
+            step_callback(lr, indices=b)
         opt.step()
         last = float(loss.detach())
         if not math.isfinite(last):
@@ -365,7 +365,7 @@ def _warm_up_optim() -> None:
 
 
 def train(model: nn.Module, X: Tensor, y: Tensor, recipe: Recipe, *, indices: Tensor | None = None,
-          step_callback: Callable[[float], None] | None = None, progress: bool = False) -> dict:
+          step_callback: Callable[..., None] | None = None, progress: bool = False) -> dict:
     """Train ``model`` in place on ``(X, y)`` with ``recipe``; return stats.
 
     Args:
@@ -375,10 +375,12 @@ def train(model: nn.Module, X: Tensor, y: Tensor, recipe: Recipe, *, indices: Te
         indices: train on these rows only (retraining on the retained set). For SGD the batch
             sequence is that of the full training set with the other rows removed, so retraining
             replays the original run minus the forget samples.
-        step_callback: SGD only; ``step_callback(lr)`` after ``loss.backward()`` and before
-            ``opt.step()`` on every step (``.grad`` then holds the minibatch gradient of the mean
-            loss, without weight decay; ``lr`` is that step's decayed rate). Not called by L-BFGS
-            (a converged run needs only its end point).
+        step_callback: SGD only; ``step_callback(lr, indices=batch)`` after ``loss.backward()``
+            and before ``opt.step()`` on every step (``.grad`` then holds the minibatch gradient of
+            the mean loss, without weight decay; ``lr`` is that step's decayed rate; ``batch`` the
+            int64 tensor of the minibatch's rows in the numbering of the full ``X``, also when
+            retraining on ``indices``). ``Recorder.step`` fits as is (``history="all"`` needs the
+            batch). Not called by L-BFGS (a converged run needs only its end point).
         progress: show a tqdm bar.
 
     Returns:

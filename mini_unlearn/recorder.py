@@ -41,18 +41,19 @@ class _Segment:
         else:
             self.lr_runs.append([lr, 1])
 
-    def merge(self, other: "_Segment") -> "_Segment":
-        torch._foreach_add_(self.gsum, other.gsum)
-        torch._foreach_add_(self.wsum, other.wsum)
-        self.steps += other.steps
-        runs = self.lr_runs + other.lr_runs
-        self.lr_runs = []
-        for lr, n in runs:
-            if self.lr_runs and self.lr_runs[-1][0] == lr:
-                self.lr_runs[-1][1] += n
+    def merged(self, other: "_Segment") -> "_Segment":
+        """A new segment covering self then other (neither is modified)."""
+        out = _Segment.__new__(_Segment)
+        out.gsum = torch._foreach_add(self.gsum, other.gsum)
+        out.wsum = torch._foreach_add(self.wsum, other.wsum)
+        out.steps = self.steps + other.steps
+        out.lr_runs = []
+        for lr, n in self.lr_runs + other.lr_runs:
+            if out.lr_runs and out.lr_runs[-1][0] == lr:
+                out.lr_runs[-1][1] += n
             else:
-                self.lr_runs.append([lr, n])
-        return self
+                out.lr_runs.append([lr, n])
+        return out
 
     def compact_runs(self) -> list[tuple[float, int]]:
         """At most MAX_LR_RUNS (lr, steps) runs: exact for step schedules, averaged otherwise."""
@@ -135,7 +136,7 @@ class Recorder:
             self._closed.append(self._open)
             self._open = None
             if not self._fixed_len and len(self._closed) >= 2 * self.K:
-                self._closed = [a.merge(b) for a, b in zip(self._closed[::2], self._closed[1::2])]
+                self._closed = [a.merged(b) for a, b in zip(self._closed[::2], self._closed[1::2])]
                 self._seg_len *= 2
 
     def _record_all(self, lr, indices):
@@ -152,9 +153,13 @@ class Recorder:
 
     # ---- after training ----
     def finalize(self, train_data, loss_fn, weight_decay: float = 0.0, *, batch_size: int = 512,
-                 progress: bool = True, device=None) -> GradientLog:
+                 progress: bool = True, device=None, exact_checkpoint_grads: bool = False) -> GradientLog:
         """Anchor + curvature pass over ``train_data`` (X, y tensors, Dataset or DataLoader);
-        ``loss_fn(outputs, targets)`` is the mean loss. Returns the log."""
+        ``loss_fn(outputs, targets)`` is the mean loss. Returns the log.
+
+        ``exact_checkpoint_grads=True`` replaces each segment's mean minibatch gradient by the
+        full-data gradient at the segment's mean weights (K extra passes over the data): a
+        study option; the segment means are free and measured as good (benchmarks/study_trajectory.py)."""
         model, layout, lam = self.model, self.layout, float(weight_decay)
         n = _batches.count(train_data)
         blocks, diag_names = kron_blocks(model, layout)
@@ -188,7 +193,8 @@ class Recorder:
                     log.put(f"kfac/{b.module}/s_{side}", s, exact=True)
             if diag_names:
                 log.put("diag/nu", sums.diag / n, exact=True)
-        self._finalize_segments(log, w_a, lam)
+        self._finalize_segments(log, w_a, lam, (train_data, loss_fn, batch_size, device)
+                                if exact_checkpoint_grads else None)
         if self.history == "all":
             self._finalize_all(log)
         meta["modes"] = ["oneshot", "refresh"] + (["trajectory"] if meta.get("segments") else []) \
@@ -196,16 +202,22 @@ class Recorder:
         log.train_data = train_data  # in memory only: lets unlearn(indices=...) find the rows
         return log
 
-    def _finalize_segments(self, log: GradientLog, w_a: torch.Tensor, lam: float) -> None:
+    def _finalize_segments(self, log: GradientLog, w_a: torch.Tensor, lam: float, exact=None) -> None:
         segs = self._closed + ([self._open] if self._open is not None and self._open.steps else [])
         while self.K and len(segs) > self.K:  # thin to at most K
-            segs = [a.merge(b) for a, b in zip(segs[::2], segs[1::2])] + (segs[-1:] if len(segs) % 2 else [])
+            segs = [a.merged(b) for a, b in zip(segs[::2], segs[1::2])] + (segs[-1:] if len(segs) % 2 else [])
         info = []
         for seg in segs:
             g = self.layout.flatten(seg.gsum) / seg.steps
             w = self.layout.flatten(seg.wsum) / seg.steps
             if self.grad_includes_wd:
                 g = g - lam * w  # the mean of (∇L + λw) over the segment, minus λ·mean(w)
+            if exact is not None:  # the full-data gradient at the segment's mean weights
+                data, loss_fn, bs, dev = exact
+                self.layout.set(self.model, w)
+                s = data_pass(self.model, self.layout, data, loss_fn, batch_size=bs, device=dev)
+                g = s.grad / s.n
+                self.layout.set(self.model, w_a)
             log.append_row("ckpt/grad", g)
             log.append_row("ckpt/wdiff", w - w_a)
             info.append({"steps": seg.steps, "lr_runs": seg.compact_runs()})

@@ -1,5 +1,10 @@
 """Unlearning methods, each a ``run(model, log, forget, loss_fn, **kw) -> dict`` on a private
 copy of the model. ``mini_unlearn.unlearn(method=NAME)`` dispatches here."""
 from . import mini
+from . import baselines, nabla_tau
 
 METHODS = {"mini": mini.run}
+METHODS["nabla_tau"] = nabla_tau.run
+METHODS["retrain"] = baselines.retrain
+METHODS["finetune"] = baselines.finetune
+METHODS["neggrad"] = baselines.neggrad
