@@ -61,20 +61,18 @@ def alpha_schedule(r: int, n: int, epochs: int) -> list[float]:
 
 def run(model, log, forget, loss_fn, *, mode, retain, r, max_passes, tol, batch_size, device,
         progress, val=None, recipe=None, train_batch_size=None, lr: float = LR,
-        weight_decay: float = 0.01, seed: int = 0, **unused) -> dict:
+        weight_decay: float = 0.01, seed: int = 0) -> dict:
     """∇τ on ``model`` (a private copy, modified in place).
 
     Kwargs: ``val`` (held-out validation data, required), ``recipe`` (for the default batch
     size), ``train_batch_size`` (default: the recipe's, else 64), ``lr`` (1e-3),
     ``weight_decay`` (AdamW's, 0.01), ``seed`` (batch order). ``retain=`` is required.
     """
-    if unused:
-        raise TypeError(f"method={NAME!r} got unexpected arguments: {', '.join(sorted(unused))}")
     U.require(retain, "retain", NAME, "the retained data, (X, y) tensors, a Dataset or a DataLoader")
     U.require(val, "val", NAME, "held-out validation data (not training data), (X, y) tensors, "
               "a Dataset or a DataLoader")
     n_ret = U.check_data(retain, "retain", NAME)
-    U.check_data(val, "val", NAME)
+    n_val = U.check_data(val, "val", NAME)
     n = int(log.meta["n_train"])
     bs = U.train_batch_size(train_batch_size, recipe)
     gen = torch.Generator().manual_seed(int(seed))
@@ -114,5 +112,5 @@ def run(model, log, forget, loss_fn, *, mode, retain, r, max_passes, tol, batch_
     return dict(mode=None, passes=E, grad_evals=evals, certificate=None, verified=False,
                 epochs=E, steps=total, alpha0=alphas[0], forget_batches=n_f, retain_batches=n_r,
                 retain_passes=total / n_r, train_batch_size=bs, val_losses=val_losses,
-                val_evals=len(val_losses) * U.check_data(val, "val", NAME),
+                val_evals=len(val_losses) * n_val,
                 retained=n_ret)
