@@ -6,8 +6,9 @@ to retraining, against retraining timed in the same run (same solver / same SGD 
 
 Rows: converged logistic regression (L-BFGS, λ = 1e-2 and 1e-3): oneshot and refresh (8 passes)
 vs the retained optimum; SGD-trained logistic regression (λ = 1e-3) and MLP (batch 64, 20
-epochs, step decay, K = 10): trajectory vs same-recipe retraining. Plus the Recorder's overhead
-on an MLP training step."""
+epochs, step decay, K = 10) and the same models in DeltaGrad's large-batch regime (batch 1,080 ≈
+27% of n, 80 steps): trajectory and DeltaGrad vs same-recipe retraining. Plus the Recorder's
+overhead on an MLP training step."""
 from __future__ import annotations
 
 import argparse
@@ -59,26 +60,50 @@ def converged_rows(ds, lam: float, ratios) -> list[dict]:
     return rows
 
 
-def trajectory_rows(ds, kind: str, ratios, K: int = 10) -> list[dict]:
+def sgd_recipe(kind: str, regime: str) -> M.Recipe:
+    """"sgd": batch 64, 20 epochs, lr 0.1 halved every 5; "large_batch": DeltaGrad's regime,
+    batch ≈ 27% of n (1,080 of 4,000), 80 steps, same schedule per epoch."""
     recipe = M.default_recipe(kind, "sgd")
     if kind == "logreg":
         recipe.weight_decay = 1e-3
+    if regime == "large_batch":
+        recipe.batch_size = 1080
+    return recipe
+
+
+def trajectory_rows(ds, kind: str, ratios, K: int = 10, regime: str = "sgd",
+                    deltagrad: bool = True) -> list[dict]:
+    """Trajectory mode and DeltaGrad side by side against same-recipe retraining."""
+    recipe = sgd_recipe(kind, regime)
     model = M.make_model(kind, ds.num_features, ds.num_classes, seed=0)
     rec = mu.Recorder(model, checkpoints=K, total_steps=len(M.batch_schedule(ds.n_train, recipe)))
-    M.train(model, ds.X_train, ds.y_train, recipe, step_callback=rec.step)
-    log = rec.finalize((ds.X_train, ds.y_train), M.loss_fn, weight_decay=recipe.weight_decay, progress=False)
+    rec_all = mu.Recorder(model, checkpoints=0, history="all") if deltagrad else None
+
+    def step(lr, indices=None):
+        rec.step(lr)
+        if rec_all is not None:
+            rec_all.step(lr, indices=indices)
+
+    M.train(model, ds.X_train, ds.y_train, recipe, step_callback=step)
+    data = (ds.X_train, ds.y_train)
+    log = rec.finalize(data, M.loss_fn, weight_decay=recipe.weight_decay, progress=False)
+    log_all = rec_all.finalize(data, M.loss_fn, weight_decay=recipe.weight_decay, progress=False) \
+        if deltagrad else None
     rows = []
     for ratio in ratios:
         f, r = forget_split(ds.n_train, ratio, seed=1)
         ref, t_retrain = _timed_train(kind, ds, recipe, indices=r)
-        res = mu.unlearn(model, log, indices=f, loss_fn=M.loss_fn, mode="trajectory")
-        rows.append(dict(model=kind, recipe="sgd", lam=recipe.weight_decay, ratio=ratio, method="mini",
-                         mode="trajectory", seconds=res.seconds, retrain_seconds=t_retrain,
-                         speedup=t_retrain / res.seconds, passes=res.passes,
-                         grad_evals_ratio=res.grad_evals / (recipe.epochs * len(r)),
-                         rel_to_retrain=_rel(res.model, model, ref), certificate=None,
-                         history_bytes=res.history_bytes))
-        print(_fmt(rows[-1]), flush=True)
+        runs = [("mini", "trajectory", log)] + ([("deltagrad", "replay", log_all)] if deltagrad else [])
+        for method, mode, lg in runs:
+            kw = dict(mode=mode) if method == "mini" else {}
+            res = mu.unlearn(model, lg, indices=f, loss_fn=M.loss_fn, method=method, **kw)
+            rows.append(dict(model=kind, recipe=f"sgd/{regime}", lam=recipe.weight_decay, ratio=ratio,
+                             method=method, mode=mode, seconds=res.seconds, retrain_seconds=t_retrain,
+                             speedup=t_retrain / res.seconds, passes=res.passes,
+                             grad_evals_ratio=res.grad_evals / (recipe.epochs * len(r)),
+                             rel_to_retrain=_rel(res.model, model, ref), certificate=None,
+                             history_bytes=res.history_bytes))
+            print(_fmt(rows[-1]), flush=True)
     return rows
 
 
@@ -107,7 +132,7 @@ def recorder_overhead(ds, steps: int = 300) -> float:
 
 
 def _fmt(r: dict) -> str:
-    return (f"{r['model']:6s} {r['recipe']:5s} λ={r['lam']:.0e} {r['ratio']:4.0%} {r['mode']:10s} "
+    return (f"{r['model']:6s} {r['recipe']:15s} λ={r['lam']:.0e} {r['ratio']:4.0%} {r['method']:9s} {r['mode']:10s} "
             f"{r['seconds']:7.3f}s vs retrain {r['retrain_seconds']:7.3f}s ({r['speedup']:6.1f}x) "
             f"passes {r['passes']:2d} rel {r['rel_to_retrain']:.3f}")
 
@@ -119,7 +144,8 @@ def run(quick: bool = False) -> dict:
     for lam in (1e-2, 1e-3):
         rows += converged_rows(ds, lam, ratios)
     for kind in ("logreg", "mlp"):
-        rows += trajectory_rows(ds, kind, ratios)
+        rows += trajectory_rows(ds, kind, ratios, regime="sgd")
+        rows += trajectory_rows(ds, kind, ratios, regime="large_batch")
     overhead = recorder_overhead(ds)
     print(f"recorder overhead on an MLP step: {overhead:+.1%}")
     return {"rows": rows, "recorder_overhead": overhead, "threads": torch.get_num_threads()}
@@ -134,7 +160,7 @@ def plot(result: dict, path: str) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     groups = {}
     for r in result["rows"]:
-        groups.setdefault(f"{r['model']} {r['mode']} λ={r['lam']:.0e}", []).append(r)
+        groups.setdefault(f"{r['model']} {r['recipe']} {r['method']}/{r['mode']} λ={r['lam']:.0e}", []).append(r)
     for label, rs in groups.items():
         a.plot([r["ratio"] for r in rs], [r["speedup"] for r in rs], "o-", label=label)
         b.plot([r["ratio"] for r in rs], [r["rel_to_retrain"] for r in rs], "o-", label=label)

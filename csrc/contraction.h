@@ -45,7 +45,8 @@ HOST_DEVICE void contraction_coeffs(float nu, float eta, int64_t steps, float& a
   c = eta * s;
 }
 
-HOST_DEVICE float contraction_apply(float acc, float x, float a, float c) {
+template <typename T>
+HOST_DEVICE T contraction_apply(T acc, T x, T a, T c) {
   return a * acc + c * x;
 }
 

@@ -146,6 +146,8 @@ class Recorder:
             raise ValueError("history='all' needs the batch: call step(lr, indices=batch_indices)")
         w = self.layout.flatten(self._params)
         g = self.layout.flatten([p.grad for p in self._params])
+        if not self._all_w:
+            self._w0 = w.clone()  # the replay's start, kept exact (quantising it costs DeltaGrad)
         self._all_w.append(compress(w, self.fmt, block=self.block))
         self._all_g.append(compress(g, self.fmt, block=self.block))
         self._all_batches.append(torch.as_tensor(indices, dtype=torch.int64).cpu())
@@ -178,7 +180,7 @@ class Recorder:
         meta = log.meta
         meta.update(n_train=n, weight_decay=lam, loss_reduction="mean", anchor_loss=sums.loss / n,
                     curvature=self.curvature, fisher=self.fisher, history=self.history,
-                    steps_recorded=self.steps)
+                    steps_recorded=self.steps, grad_includes_weight_decay=self.grad_includes_wd)
         if exact:
             log.put("hessian", dense_hessian(model, layout, train_data, loss_fn, batch_size, device) / n,
                     exact=True)
@@ -224,6 +226,7 @@ class Recorder:
         log.meta["segments"] = info
 
     def _finalize_all(self, log: GradientLog) -> None:
+        log.put("all/w0", self._w0, exact=True)
         for w, g in zip(self._all_w, self._all_g):
             log.append_row("all/w", w)
             log.append_row("all/g", g)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import time
 from dataclasses import dataclass, field
 
@@ -50,7 +51,7 @@ def _forget_from_indices(indices, train_data, n: int):
     if train_data is None:
         raise ForgetSetError("indices= needs the training data: pass train_data= (the data given "
                              "to Recorder.finalize)")
-    return _batches.subset(train_data, idx)
+    return _batches.subset(train_data, idx), idx
 
 
 def _check_forget(forget, model: nn.Module, n: int) -> int:
@@ -94,7 +95,9 @@ def unlearn(model: nn.Module, log, forget=None, *, loss_fn, method: str = "mini"
         log: a :class:`GradientLog` from :meth:`Recorder.finalize` (or ``GradientLog.load``).
         forget: the samples to forget: ``(X, y)`` tensors, a Dataset or a DataLoader; or pass
             ``indices=`` into the training data (``train_data=``, default: the data given to
-            ``finalize`` in this process).
+            ``finalize`` in this process). Methods that replay training ("deltagrad") need
+            ``indices=``; they receive the index tensor as ``forget_indices=`` and
+            ``train_data=`` (None when not given).
         loss_fn: ``loss_fn(outputs, targets)`` -> mean loss (the training loss).
         method: "mini" (Mini-Unlearning) or a baseline registered in ``mini_unlearn.methods``.
         mode: for "mini": "auto", "oneshot", "trajectory" or "refresh".
@@ -107,11 +110,12 @@ def unlearn(model: nn.Module, log, forget=None, *, loss_fn, method: str = "mini"
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(sorted(METHODS))}")
     log.check_model(model)
     n = int(log.meta["n_train"])
+    forget_indices = None
     if indices is not None:
         if forget is not None:
             raise ForgetSetError("pass either forget= or indices=, not both")
-        forget = _forget_from_indices(indices, train_data if train_data is not None
-                                      else getattr(log, "train_data", None), n)
+        forget, forget_indices = _forget_from_indices(indices, train_data if train_data is not None
+                                                      else getattr(log, "train_data", None), n)
     if forget is None:
         raise ForgetSetError("nothing to forget: pass forget=(X, y) or indices=")
     r = _check_forget(forget, model, n)
@@ -124,10 +128,12 @@ def unlearn(model: nn.Module, log, forget=None, *, loss_fn, method: str = "mini"
     work = copy.deepcopy(model)
     for p in work.parameters():
         p.grad = None
+    # Methods that replay training (DeltaGrad) need the forget set as rows of the training data.
+    extra = _accepted(METHODS[method], forget_indices=forget_indices, train_data=train_data)
     t0 = time.perf_counter()
     out = METHODS[method](work, log, forget, loss_fn, mode=mode, retain=retain, r=r,
                           max_passes=max_passes, tol=tol, batch_size=batch_size, device=device,
-                          progress=progress, **method_kwargs)
+                          progress=progress, **extra, **method_kwargs)
     seconds = time.perf_counter() - t0
     if in_place:
         with torch.no_grad():
@@ -138,6 +144,14 @@ def unlearn(model: nn.Module, log, forget=None, *, loss_fn, method: str = "mini"
     return UnlearnResult(work, method, out.get("mode"), int(out.get("passes", 0)),
                          int(out.get("grad_evals", 0)), out.get("certificate"),
                          bool(out.get("verified", False)), seconds, int(log.nbytes()), info)
+
+
+def _accepted(fn, **kwargs) -> dict:
+    """The keyword arguments ``fn`` declares (or all of them if it takes ``**kwargs``)."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return kwargs
+    return {k: v for k, v in kwargs.items() if k in params}
 
 
 def log_params(model: nn.Module, log) -> list[torch.Tensor]:

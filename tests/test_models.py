@@ -134,18 +134,26 @@ def test_step_callback_and_retraining_replays_schedule(digits):
     seen = []
     model = make_model("mlp", 64, 10, seed=0)
 
-    def cb(lr):
+    batches = []
+
+    def cb(lr, indices=None):
         seen.append((lr, all(p.grad is not None for p in model.parameters())))
+        batches.append(indices)
 
     stats = train(model, X, y, recipe, step_callback=cb)
     assert len(seen) == stats["steps"] == 3 * 7
     assert [lr for lr, _ in seen] == pytest.approx([0.2] * 7 + [0.1] * 7 + [0.05] * 7)
     assert all(has_grad for _, has_grad in seen)
+    # the callback gets each step's batch, in the training set's numbering
+    assert [b.tolist() for b in batches] == [b.tolist() for b in batch_schedule(200, recipe)]
 
     # retraining with indices == manual SGD over retain_schedule (same order, forget removed)
     forget, retain = forget_split(200, 0.25, seed=0)
     a = make_model("mlp", 64, 10, seed=0)
-    train(a, X, y, recipe, indices=retain)
+    kept = []
+    train(a, X, y, recipe, indices=retain, step_callback=lambda lr, indices=None: kept.append(indices))
+    # when retraining, the batches are the original ones minus the forget rows (original numbering)
+    assert [b.tolist() for b in kept] == [b.tolist() for b in retain_schedule(batch_schedule(200, recipe), forget)]
     b = make_model("mlp", 64, 10, seed=0)
     spe = 7
     sched = batch_schedule(200, recipe)

@@ -106,6 +106,37 @@ def test_dequant_axpy_zero_coeff_is_identity():
     assert torch.equal(ops.dequant_axpy(y, codes, scales, torch.zeros(3), bits=8, block=64), y)
 
 
+STREAM_BYTES = 16 << 20  # csrc/cpu/simd.h kStreamBytes: larger outputs use streaming stores
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_large_outputs_streaming_path(bits):
+    """Outputs of >= 16 MiB are written with non-temporal stores (and huge-page advice): they
+    must equal the normal path, checked block-aligned half by half (each half below the
+    threshold; the halves are verified against the reference elsewhere)."""
+    n = STREAM_BYTES * (8 // bits) + 2 * 256 + 37  # codes just over the threshold
+    half = (n // 2) // 256 * 256
+    x = torch.randn(n, generator=torch.Generator().manual_seed(0))
+    codes, scales = ops.quantize_blockwise(x, bits=bits, block=256)
+    c0, s0 = ops.quantize_blockwise(x[:half], bits=bits, block=256)
+    c1, s1 = ops.quantize_blockwise(x[half:], bits=bits, block=256)
+    assert_equal(codes, torch.cat([c0, c1]))
+    assert_equal(scales, torch.cat([s0, s1]))
+    m = STREAM_BYTES // 4 + 1000 + 37  # fp32 outputs just over the threshold
+    c, s = codes[: m if bits == 8 else (m + 1) // 2], scales[: -(-m // 256)]
+    out = ops.dequantize_blockwise(c, s, bits=bits, block=256, numel=m)
+    hb = (m // 2) // 256 * 256
+    first = ops.dequantize_blockwise(c[: hb if bits == 8 else hb // 2], s[: hb // 256], bits=bits,
+                                     block=256, numel=hb)
+    assert_equal(out[:hb], first)
+    assert_equal(out, reference.dequantize_blockwise(c, s, bits, 256, m, torch.float32))
+    rows, rscales = c[None].repeat(2, 1), s[None].repeat(2, 1)
+    y, coeff = x[:m].clone(), torch.tensor([0.5, -2.0])
+    got = ops.dequant_axpy(y, rows, rscales, coeff, bits=bits, block=256)
+    w = out
+    assert_equal(got, y + 0.5 * w + (-2.0) * w)  # the kernel's fp32 order: (y + c0 w) + c1 w
+
+
 ZMAX = (1e-7, 0.5, 1.0, 1.5, 1.99)  # eta * max nu'; above 1: 1 - eta nu' < 0
 
 

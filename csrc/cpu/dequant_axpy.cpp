@@ -1,11 +1,32 @@
 // CPU kernel of dequant_axpy: y + sum_j coeff[j] * W_j over k compressed rows, in one pass
 // (each block of y is staged once, all k rows are added into it, then it is written).
 #include <torch/library.h>
+#include <vector>
 #include "../checks.h"
 #include "simd.h"
 
 namespace mini_unlearn {
 namespace {
+
+// y += c_j * w_j for up to four rows per pass over y (y is loaded and stored once). The adds
+// keep the row order of a row-by-row loop, ((y + c0 w0) + c1 w1) + ..., so the result does
+// not depend on the grouping.
+MU_CLONES void axpy4_int8(float* y, const int8_t* w0, const int8_t* w1, const int8_t* w2,
+                          const int8_t* w3, const float* c, int64_t n) {
+  const float c0 = c[0], c1 = c[1], c2 = c[2], c3 = c[3];
+  for (int64_t i = 0; i < n; ++i) {
+    float t = y[i];
+    t += c0 * static_cast<float>(w0[i]);
+    t += c1 * static_cast<float>(w1[i]);
+    t += c2 * static_cast<float>(w2[i]);
+    t += c3 * static_cast<float>(w3[i]);
+    y[i] = t;
+  }
+}
+
+MU_CLONES void axpy_int8(float* y, const int8_t* w, float c, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += c * static_cast<float>(w[i]);
+}
 
 MU_CLONES void axpy_f32(float* y, const float* w, float c, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += c * w[i];
@@ -17,18 +38,36 @@ void dequant_axpy_impl(const scalar_t* y, const uint8_t* codes, const float* sca
                        scalar_t* out) {
   const int qmax = qmax_for_bits(bits);
   const int64_t nb = num_blocks(d, block), row_bytes = code_bytes(d, bits);
+  const bool stream = std::is_same_v<scalar_t, float> && d * 4 >= kStreamBytes;
   at::parallel_for(0, nb, grain_blocks(block), [&](int64_t b0, int64_t b1) {
-    float ybuf[kMaxBlock], wbuf[kMaxBlock];
+    alignas(64) float ybuf[kMaxBlock], wbuf[kMaxBlock];
+    std::vector<float> c(static_cast<size_t>(k));
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t start = b * block, n = std::min(block, d - start);
       const float* ys = as_float(y + start, n, ybuf);
       if (ys != ybuf) std::copy(ys, ys + n, ybuf);
-      for (int64_t j = 0; j < k; ++j) {
-        decode_span(codes + j * row_bytes, bits, start, n, 1.f, wbuf);
-        axpy_f32(ybuf, wbuf, coeff[j] * dequant_step(scales[j * nb + b], qmax), n);
+      for (int64_t j = 0; j < k; ++j) c[j] = coeff[j] * dequant_step(scales[j * nb + b], qmax);
+      int64_t j = 0;
+      if (bits == 8) {
+        const auto* w = reinterpret_cast<const int8_t*>(codes) + start;
+        for (; j + 4 <= k; j += 4)
+          axpy4_int8(ybuf, w + j * row_bytes, w + (j + 1) * row_bytes, w + (j + 2) * row_bytes,
+                     w + (j + 3) * row_bytes, c.data() + j, n);
+        for (; j < k; ++j) axpy_int8(ybuf, w + j * row_bytes, c[j], n);
+      } else {
+        for (; j < k; ++j) {
+          decode_span(codes + j * row_bytes, bits, start, n, 1.f, wbuf);
+          axpy_f32(ybuf, wbuf, c[j], n);
+        }
       }
-      store_from_float(ybuf, n, out + start);
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (stream) stream_copy_f32(out + start, ybuf, n);
+        else std::copy(ybuf, ybuf + n, out + start);
+      } else {
+        store_from_float(ybuf, n, out + start);
+      }
     }
+    if (stream) stream_fence();
   });
 }
 
@@ -45,6 +84,7 @@ at::Tensor dequant_axpy_cpu(const at::Tensor& y, const at::Tensor& codes, const 
   check_same_device(coeff, y, "coeff", "y");
   TORCH_CHECK(y.device().is_cpu(), "mini_unlearn: expected CPU tensors");
   at::Tensor out = at::empty_like(y);
+  advise_huge_pages(out.data_ptr(), out.nbytes());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "dequant_axpy", [&] {
     dequant_axpy_impl<scalar_t>(y.data_ptr<scalar_t>(), static_cast<const uint8_t*>(codes.data_ptr()),
                                 scales.data_ptr<float>(), coeff.data_ptr<float>(), k, y.numel(),

@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
+#include <cstring>
 #include "../quantize.h"
 
 #if defined(__linux__)
@@ -26,11 +27,54 @@ namespace mini_unlearn {
 // Elements a tile works on at once: staging buffers of this size stay in L1.
 constexpr int64_t kTile = 256;
 
+// bf16 <-> fp32 with c10::BFloat16's exact semantics (round to nearest even, NaN -> 0x7FC0),
+// written on the bit patterns so that the loops vectorise; fp16 through F16C (also RNE).
+[[maybe_unused]] MU_CLONES static void bf16_to_float(const uint16_t* x, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t u = static_cast<uint32_t>(x[i]) << 16;
+    std::memcpy(out + i, &u, 4);
+  }
+}
+
+[[maybe_unused]] MU_CLONES static void float_to_bf16(const float* x, int64_t n, uint16_t* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, x + i, 4);
+    const uint16_t r = static_cast<uint16_t>((u + (((u >> 16) & 1) + 0x7FFFu)) >> 16);
+    out[i] = x[i] != x[i] ? uint16_t(0x7FC0) : r;
+  }
+}
+
+static inline void half_to_float(const uint16_t* x, int64_t n, float* out) {
+  int64_t i = 0;
+#if defined(__F16C__)
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i))));
+#endif
+  for (; i < n; ++i) out[i] = static_cast<float>(c10::Half(x[i], c10::Half::from_bits()));
+}
+
+static inline void float_to_half(const float* x, int64_t n, uint16_t* out) {
+  int64_t i = 0;
+#if defined(__F16C__)
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+#endif
+  for (; i < n; ++i) out[i] = c10::Half(x[i]).x;
+}
+
 // Copy n elements of x (fp32, bf16 or fp16) to a float buffer; fp32 input is used in place.
 template <typename scalar_t>
 inline const float* as_float(const scalar_t* x, int64_t n, float* buf) {
   if constexpr (std::is_same_v<scalar_t, float>) {
     return x;
+  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    bf16_to_float(reinterpret_cast<const uint16_t*>(x), n, buf);
+    return buf;
+  } else if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    half_to_float(reinterpret_cast<const uint16_t*>(x), n, buf);
+    return buf;
   } else {
     for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(x[i]);
     return buf;
@@ -39,7 +83,13 @@ inline const float* as_float(const scalar_t* x, int64_t n, float* buf) {
 
 template <typename scalar_t>
 inline void store_from_float(const float* buf, int64_t n, scalar_t* out) {
-  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<scalar_t>(buf[i]);
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    float_to_bf16(buf, n, reinterpret_cast<uint16_t*>(out));
+  } else if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    float_to_half(buf, n, reinterpret_cast<uint16_t*>(out));
+  } else {
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<scalar_t>(buf[i]);
+  }
 }
 
 // Work split: a grain of about 32k elements per task.
@@ -76,7 +126,7 @@ constexpr int64_t kStreamBytes = int64_t(16) << 20;
 #endif
 
 // dst[0, n) = src[0, n) with streaming stores where dst is 32-byte aligned.
-MU_CLONES static void stream_copy_f32(float* dst, const float* src, int64_t n) {
+[[maybe_unused]] MU_CLONES static void stream_copy_f32(float* dst, const float* src, int64_t n) {
   int64_t i = 0;
 #ifdef MU_HAVE_STREAM
   for (; i < n && (reinterpret_cast<uintptr_t>(dst + i) & 31); ++i) dst[i] = src[i];
@@ -85,7 +135,7 @@ MU_CLONES static void stream_copy_f32(float* dst, const float* src, int64_t n) {
   for (; i < n; ++i) dst[i] = src[i];
 }
 
-MU_CLONES static void stream_copy_u8(uint8_t* dst, const uint8_t* src, int64_t n) {
+[[maybe_unused]] MU_CLONES static void stream_copy_u8(uint8_t* dst, const uint8_t* src, int64_t n) {
   int64_t i = 0;
 #ifdef MU_HAVE_STREAM
   for (; i < n && (reinterpret_cast<uintptr_t>(dst + i) & 31); ++i) dst[i] = src[i];
@@ -107,12 +157,12 @@ inline void stream_fence() {
 
 namespace mini_unlearn {
 
-MU_CLONES static void decode_int8(const int8_t* codes, int64_t n, float step, float* out) {
+[[maybe_unused]] MU_CLONES static void decode_int8(const int8_t* codes, int64_t n, float step, float* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(codes[i]) * step;
 }
 
 // Whole bytes: out[2j], out[2j+1] from the low and high nibble of bytes[j].
-MU_CLONES static void decode_int4_pairs(const uint8_t* bytes, int64_t npairs, float step, float* out) {
+[[maybe_unused]] MU_CLONES static void decode_int4_pairs(const uint8_t* bytes, int64_t npairs, float step, float* out) {
   for (int64_t j = 0; j < npairs; ++j) {
     const uint8_t b = bytes[j];
     out[2 * j] = static_cast<float>(unpack_int4(b, 0)) * step;

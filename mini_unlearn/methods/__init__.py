@@ -8,3 +8,5 @@ METHODS["nabla_tau"] = nabla_tau.run
 METHODS["retrain"] = baselines.retrain
 METHODS["finetune"] = baselines.finetune
 METHODS["neggrad"] = baselines.neggrad
+from . import deltagrad  # noqa: E402
+METHODS["deltagrad"] = deltagrad.run
