@@ -27,6 +27,8 @@ def _extension():
     cxx = ["-O3", "-fopenmp-simd", "-ffp-contract=off", "-fno-trapping-math"]
     if platform.machine() in ("x86_64", "AMD64"):
         cxx += ["-mavx2", "-mfma", "-mf16c"]  # baseline; AVX-512 clones are chosen at run time
+        # the AVX-512 clones use full 512-bit vectors (gcc's x86-64-v4 default is 256)
+        cxx += ["-mprefer-vector-width=512"]
     include_dirs = [os.path.join(HERE, "csrc")]
     if not _use_cuda():
         return CppExtension("mini_unlearn._C", sources, extra_compile_args={"cxx": cxx},

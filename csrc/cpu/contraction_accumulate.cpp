@@ -38,14 +38,17 @@ __attribute__((always_inline)) inline void contraction_vectors(float* acc, const
                                                                const float* s, float s_fixed,
                                                                const Segment& seg) {
   VF z[kChunk], q[kChunk], sum[kChunk];
+  // The top bit of `steps` is always set: from q = s = 0 its doubling is an exact no-op and its
+  // increment gives s = 1, q = 0 + z * 1 = 0 + z, so start there (bit-identical, one step less).
+  const bool top = seg.nbits > 0;
   for (int c = 0; c < kChunk; ++c) {
     mu_v16f sv;
     std::memcpy(&sv, s + c * kLanes, sizeof sv);
     z[c] = VF(seg.eta) * (VF(s_fixed) * VF(sv) + VF(seg.lam));
-    q[c] = VF(0.f);
-    sum[c] = VF(0.f);
+    q[c] = top ? VF(0.f) + z[c] : VF(0.f);
+    sum[c] = VF(top ? 1.f : 0.f);
   }
-  for (int b = seg.nbits - 1; b >= 0; --b) {
+  for (int b = seg.nbits - 2; b >= 0; --b) {
     for (int c = 0; c < kChunk; ++c) contraction_double(q[c], sum[c]);
     if ((seg.steps >> b) & 1)
       for (int c = 0; c < kChunk; ++c) contraction_increment(q[c], sum[c], z[c]);

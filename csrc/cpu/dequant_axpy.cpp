@@ -38,33 +38,50 @@ void dequant_axpy_impl(const scalar_t* y, const uint8_t* codes, const float* sca
                        scalar_t* out) {
   const int qmax = qmax_for_bits(bits);
   const int64_t nb = num_blocks(d, block), row_bytes = code_bytes(d, bits);
+  const int64_t span = std::max<int64_t>(1, kMaxBlock / block);  // blocks per span: <= 4096 elements
   const bool stream = std::is_same_v<scalar_t, float> && d * 4 >= kStreamBytes;
   at::parallel_for(0, nb, grain_blocks(block), [&](int64_t b0, int64_t b1) {
     alignas(64) float ybuf[kMaxBlock], wbuf[kMaxBlock];
-    std::vector<float> c(static_cast<size_t>(k));
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t start = b * block, n = std::min(block, d - start);
-      const float* ys = as_float(y + start, n, ybuf);
-      if (ys != ybuf) std::copy(ys, ys + n, ybuf);
-      for (int64_t j = 0; j < k; ++j) c[j] = coeff[j] * dequant_step(scales[j * nb + b], qmax);
+    for (int64_t bs = b0; bs < b1; bs += span) {
+      // A span of up to 4096 elements of y is staged once; rows go four at a time through the
+      // whole span (a few KiB read contiguously per row visit). Every element still receives
+      // the rows in ascending order, ((y + c0 w0) + c1 w1) + ..., whatever the grouping.
+      const int64_t be = std::min(b1, bs + span);
+      const int64_t span0 = bs * block, len = std::min(be * block, d) - span0;
+      const float* ys = as_float(y + span0, len, ybuf);
+      if (ys != ybuf) std::copy(ys, ys + len, ybuf);
       int64_t j = 0;
       if (bits == 8) {
-        const auto* w = reinterpret_cast<const int8_t*>(codes) + start;
-        for (; j + 4 <= k; j += 4)
-          axpy4_int8(ybuf, w + j * row_bytes, w + (j + 1) * row_bytes, w + (j + 2) * row_bytes,
-                     w + (j + 3) * row_bytes, c.data() + j, n);
-        for (; j < k; ++j) axpy_int8(ybuf, w + j * row_bytes, c[j], n);
-      } else {
-        for (; j < k; ++j) {
-          decode_span(codes + j * row_bytes, bits, start, n, 1.f, wbuf);
-          axpy_f32(ybuf, wbuf, c[j], n);
+        const auto* w = reinterpret_cast<const int8_t*>(codes);
+        for (; j + 4 <= k; j += 4) {
+          for (int64_t b = bs; b < be; ++b) {
+            const int64_t start = b * block, n = std::min(block, d - start);
+            float c[4];
+            for (int r = 0; r < 4; ++r) c[r] = coeff[j + r] * dequant_step(scales[(j + r) * nb + b], qmax);
+            const int8_t* wb = w + start;
+            axpy4_int8(ybuf + (start - span0), wb + j * row_bytes, wb + (j + 1) * row_bytes,
+                       wb + (j + 2) * row_bytes, wb + (j + 3) * row_bytes, c, n);
+          }
         }
+        for (; j < k; ++j)
+          for (int64_t b = bs; b < be; ++b) {
+            const int64_t start = b * block, n = std::min(block, d - start);
+            axpy_int8(ybuf + (start - span0), w + j * row_bytes + start,
+                      coeff[j] * dequant_step(scales[j * nb + b], qmax), n);
+          }
+      } else {
+        for (; j < k; ++j)
+          for (int64_t b = bs; b < be; ++b) {
+            const int64_t start = b * block, n = std::min(block, d - start);
+            decode_span(codes + j * row_bytes, bits, start, n, 1.f, wbuf);
+            axpy_f32(ybuf + (start - span0), wbuf, coeff[j] * dequant_step(scales[j * nb + b], qmax), n);
+          }
       }
       if constexpr (std::is_same_v<scalar_t, float>) {
-        if (stream) stream_copy_f32(out + start, ybuf, n);
-        else std::copy(ybuf, ybuf + n, out + start);
+        if (stream) stream_copy_f32(out + span0, ybuf, len);
+        else std::copy(ybuf, ybuf + len, out + span0);
       } else {
-        store_from_float(ybuf, n, out + start);
+        store_from_float(ybuf, len, out + span0);
       }
     }
     if (stream) stream_fence();
