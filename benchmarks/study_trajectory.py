@@ -1,6 +1,7 @@
 """Design study of the trajectory mode (issue 4) on MNIST-5k, SGD recipe (batch 64, 20 epochs,
-step decay): the number of checkpoints K = 5, 10, 20, and free segment-mean minibatch gradients
-against exact full-data gradients at the checkpoints. Distances are to same-recipe retraining.
+step decay): the number of checkpoints K = 5, 10, 20; free segment-mean minibatch gradients
+against exact full-data gradients at the checkpoints; one final curvature spectrum against
+per-segment spectra ("seg_spectra": K-FAC at each segment's mean weights on 1,000 samples). Distances are to same-recipe retraining.
 
     python -m benchmarks.study_trajectory --json study.json [--quick]
 """
@@ -41,6 +42,8 @@ def study(kind: str, ratios, Ks) -> list[dict]:
         if K == 10:
             logs[(K, "exact")] = rec.finalize(data, M.loss_fn, weight_decay=recipe.weight_decay,
                                               progress=False, exact_checkpoint_grads=True)
+            logs[(K, "seg_spectra")] = rec.finalize(data, M.loss_fn, weight_decay=recipe.weight_decay,
+                                                    progress=False, segment_spectra=1000)
     rows = []
     for ratio in ratios:
         f, r = forget_split(ds.n_train, ratio, seed=1)

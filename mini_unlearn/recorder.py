@@ -155,13 +155,16 @@ class Recorder:
 
     # ---- after training ----
     def finalize(self, train_data, loss_fn, weight_decay: float = 0.0, *, batch_size: int = 512,
-                 progress: bool = True, device=None, exact_checkpoint_grads: bool = False) -> GradientLog:
+                 progress: bool = True, device=None, exact_checkpoint_grads: bool = False,
+                 segment_spectra: int = 0) -> GradientLog:
         """Anchor + curvature pass over ``train_data`` (X, y tensors, Dataset or DataLoader);
         ``loss_fn(outputs, targets)`` is the mean loss. Returns the log.
 
         ``exact_checkpoint_grads=True`` replaces each segment's mean minibatch gradient by the
         full-data gradient at the segment's mean weights (K extra passes over the data): a
-        study option; the segment means are free and measured as good (benchmarks/study_trajectory.py)."""
+        study option; the segment means are free and measured as good (benchmarks/study_trajectory.py).
+        ``segment_spectra=m`` (> 0) also stores each segment's curvature spectra, projected into the
+        final K-FAC eigenbasis, from m training samples at the segment's mean weights."""
         model, layout, lam = self.model, self.layout, float(weight_decay)
         n = _batches.count(train_data)
         blocks, diag_names = kron_blocks(model, layout)
@@ -197,6 +200,9 @@ class Recorder:
                 log.put("diag/nu", sums.diag / n, exact=True)
         self._finalize_segments(log, w_a, lam, (train_data, loss_fn, batch_size, device)
                                 if exact_checkpoint_grads else None)
+        if segment_spectra and not exact and log.meta.get("segments"):
+            self._segment_spectra(log, blocks, diag_names, w_a, train_data, loss_fn, int(segment_spectra),
+                                  batch_size, device)
         if self.history == "all":
             self._finalize_all(log)
         meta["modes"] = ["oneshot", "refresh"] + (["trajectory"] if meta.get("segments") else []) \
@@ -224,6 +230,27 @@ class Recorder:
             log.append_row("ckpt/wdiff", w - w_a)
             info.append({"steps": seg.steps, "lr_runs": seg.compact_runs()})
         log.meta["segments"] = info
+
+    def _segment_spectra(self, log, blocks, diag_names, w_a, data, loss_fn, m, batch_size, device):
+        """Curvature at each segment's mean weights on m samples, as spectra in the final basis:
+        diag(Uᵀ A_k U) per K-FAC factor (the contraction early in training is stronger than the
+        final, confident model's curvature suggests)."""
+        n = _batches.count(data)
+        sub = _batches.subset(data, torch.randperm(n, generator=torch.Generator().manual_seed(0))[:m]) \
+            if m < n else data
+        for k in range(log.num_rows("ckpt/wdiff")):
+            self.layout.set(self.model, w_a + log.row("ckpt/wdiff", k).to(w_a.device))
+            sums = data_pass(self.model, self.layout, sub, loss_fn, curvature=True, blocks=blocks,
+                             diag_names=diag_names, fisher=self.fisher, batch_size=batch_size, device=device)
+            for b in blocks:
+                for side in ("A", "G"):
+                    U = log.get(f"kfac/{b.module}/U_{side}").to(sums.A[b.module].device)
+                    M = getattr(sums, side)[b.module] / sums.n
+                    log.put(f"seg/{k}/{b.module}/s_{side}", ((M @ U) * U).sum(0).clamp_min(0), exact=True)
+            if diag_names:
+                log.put(f"seg/{k}/diag/nu", sums.diag / sums.n, exact=True)
+        self.layout.set(self.model, w_a)
+        log.meta["segment_spectra"] = m
 
     def _finalize_all(self, log: GradientLog) -> None:
         log.put("all/w0", self._w0, exact=True)

@@ -86,3 +86,25 @@ def test_step_before_backward_is_an_error():
     rec = mu.Recorder(model, checkpoints=2)
     with pytest.raises(RuntimeError, match="backward"):
         rec.step(lr=0.1)
+
+
+def test_segment_spectra_are_stored_and_used():
+    from mini_unlearn.data import load_dataset as load
+
+    ds = load("digits", seed=0)
+    recipe = M.default_recipe("mlp")
+    recipe.epochs = 3
+    model = M.make_model("mlp", ds.num_features, ds.num_classes, seed=0)
+    rec = mu.Recorder(model, checkpoints=3, total_steps=len(M.batch_schedule(ds.n_train, recipe)))
+    M.train(model, ds.X_train, ds.y_train, recipe, step_callback=rec.step)
+    data = (ds.X_train, ds.y_train)
+    plain = rec.finalize(data, M.loss_fn, weight_decay=recipe.weight_decay, progress=False)
+    seg = rec.finalize(data, M.loss_fn, weight_decay=recipe.weight_decay, progress=False, segment_spectra=500)
+    assert seg.meta["segment_spectra"] == 500 and "seg/0/0/s_A" in seg
+    # spectra at the first segment's weights differ from the final ones, and change the result
+    assert not torch.allclose(seg.get("seg/0/2/s_G"), seg.get("kfac/2/s_G"))
+    f = torch.arange(0, 100)
+    a = mu.unlearn(model, plain, indices=f, loss_fn=M.loss_fn, mode="trajectory")
+    b = mu.unlearn(model, seg, indices=f, loss_fn=M.loss_fn, mode="trajectory")
+    assert not torch.equal(vec(a.model), vec(b.model))
+    assert torch.equal(vec(model), vec(rec.model))  # finalize restored the trained weights

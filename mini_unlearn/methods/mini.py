@@ -137,15 +137,39 @@ def _trajectory(model, layout, log, forget, loss_fn, n, r, lam, w_a, segments, b
     bar.update(1)
     P = preconditioner(log, layout, fs, n, r, lam, device)
     acc = [torch.zeros_like(b.nu()) for b in P.blocks]
+    spectra = _segment_spectra(log, P, device) if log.meta.get("segment_spectra") else None
     for k, seg in enumerate(segments):
         if k == K - 1:
             d = d_last
         else:
             d, _ = delta(k, curvature=False)
             bar.update(1)
-        for a, x, b in zip(acc, P.rotate(d), P.blocks):
+        for i, (a, x, b) in enumerate(zip(acc, P.rotate(d), P.blocks)):
+            s_out, s_in = spectra(k, i) if spectra else (b.s_out, b.s_in)
             for lr, steps in seg["lr_runs"]:
-                ops.contraction_accumulate(a, x, b.s_out.contiguous(), b.s_in.contiguous(), lam=lam,
+                ops.contraction_accumulate(a, x, s_out.contiguous(), s_in.contiguous(), lam=lam,
                                            eta=lr, steps=steps)
     bar.close()
     return w_a - P.unrotate(acc)
+
+
+def _segment_spectra(log, P: Preconditioner, device):
+    """(k, block) -> the segment's (s_out, s_in) in P's eigenbasis. The log holds them in the
+    final full-data basis U; a spectrum moves to P's basis V through (Vᵀ U)² (treating the
+    segment's factor as diagonal in U)."""
+    blocks = _blocks(log)
+    maps = []
+    for b, eb in zip(blocks, P.blocks):
+        UA = log.get(f"kfac/{b.module}/U_A").to(device)
+        UG = log.get(f"kfac/{b.module}/U_G").to(device)
+        maps.append(((eb.U_out.T @ UG) ** 2, (eb.U_in.T @ UA) ** 2))
+
+    def get(k, i):
+        if i < len(blocks):
+            b = blocks[i]
+            MG, MA = maps[i]
+            return (MG @ log.get(f"seg/{k}/{b.module}/s_G").to(device),
+                    MA @ log.get(f"seg/{k}/{b.module}/s_A").to(device))
+        return log.get(f"seg/{k}/diag/nu").to(device), P.blocks[i].s_in
+
+    return get
