@@ -83,3 +83,10 @@ inline void check_contraction(const at::Tensor& acc, const at::Tensor& s_out,
 }
 
 }  // namespace mini_unlearn
+
+// The input dtypes every op accepts (fp32, fp16, bf16): no double instantiation to compile.
+#define MU_DISPATCH_FLOATS(TYPE, NAME, ...)                  \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                             \
+                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
+                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)  \
+                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))

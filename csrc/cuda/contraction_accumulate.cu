@@ -101,7 +101,7 @@ void contraction_accumulate_cuda(const at::Tensor& acc, const at::Tensor& x, con
   float* a = acc.data_ptr<float>();
   const unsigned grid = cuda::grid_for((numel + kVec - 1) / kVec, cuda::kThreads);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "contraction_accumulate_cuda", [&] {
+  MU_DISPATCH_FLOATS(x.scalar_type(), "contraction_accumulate_cuda", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const bool vec = cuda::vec_ok(a) && cuda::vec_ok(xp);
     contraction_kernel<scalar_t><<<grid, cuda::kThreads, 0, stream>>>(

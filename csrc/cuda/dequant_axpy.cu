@@ -62,7 +62,7 @@ at::Tensor dequant_axpy_cuda(const at::Tensor& y, const at::Tensor& codes, const
   const bool vec_codes = cuda::codes_vec_ok(c, k, row_bytes, static_cast<int>(bits));
   const unsigned grid = cuda::grid_for((d + kVec - 1) / kVec, cuda::kThreads);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "dequant_axpy_cuda", [&] {
+  MU_DISPATCH_FLOATS(y.scalar_type(), "dequant_axpy_cuda", [&] {
     const scalar_t* yp = y.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     const bool vec_y = cuda::vec_ok(yp) && cuda::vec_ok(op);

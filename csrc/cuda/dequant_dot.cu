@@ -121,7 +121,7 @@ at::Tensor dequant_dot_cuda(const at::Tensor& codes, const at::Tensor& scales, c
   const unsigned grid1 = cuda::grid_for(nchunks, 1);
   const unsigned grid2 = static_cast<unsigned>(std::min<int64_t>(k, 65535));
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, v.scalar_type(), "dequant_dot_cuda", [&] {
+  MU_DISPATCH_FLOATS(v.scalar_type(), "dequant_dot_cuda", [&] {
     const scalar_t* vp = v.data_ptr<scalar_t>();
     dot_partial_kernel<scalar_t><<<grid1, kThreads, 0, stream>>>(
         c, scales.data_ptr<float>(), vp, k, d, static_cast<int>(bits), block, row_bytes, nb,

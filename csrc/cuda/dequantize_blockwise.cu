@@ -47,7 +47,7 @@ at::Tensor dequantize_blockwise_cuda(const at::Tensor& codes, const at::Tensor& 
   const int64_t ngroups = (numel + kVec - 1) / kVec;
   const unsigned grid = cuda::grid_for(ngroups, cuda::kThreads);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "dequantize_blockwise_cuda", [&] {
+  MU_DISPATCH_FLOATS(dtype, "dequantize_blockwise_cuda", [&] {
     scalar_t* o = out.data_ptr<scalar_t>();
     const bool vec = cuda::codes_vec_ok(c, 1, 0, static_cast<int>(bits)) && cuda::vec_ok(o);
     dequantize_kernel<scalar_t><<<grid, cuda::kThreads, 0, stream>>>(

@@ -104,7 +104,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cuda(const at::Tensor& x, 
   const unsigned grid = static_cast<unsigned>(std::min<int64_t>(nb, 0x7fffffff));
   const size_t smem = static_cast<size_t>(block) * sizeof(float);  // <= 16 KiB
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "quantize_blockwise_cuda", [&] {
+  MU_DISPATCH_FLOATS(x.scalar_type(), "quantize_blockwise_cuda", [&] {
     quantize_kernel<scalar_t><<<grid, threads, smem, stream>>>(
         x.data_ptr<scalar_t>(), numel, static_cast<int>(bits), static_cast<int>(block), stochastic,
         seed, static_cast<uint8_t*>(codes.data_ptr()), scales.data_ptr<float>());
