@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+
+from conftest import acc, vec
 from torch.utils.data import DataLoader, TensorDataset
 
 import mini_unlearn as mu
@@ -18,17 +20,9 @@ loss_fn = M.loss_fn
 APPROX = ("finetune", "neggrad", "nabla_tau")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is faster, and immune to a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def vec(m):
-    return torch.cat([p.detach().reshape(-1) for p in m.parameters()])
 
 
 def acc(m, data):

@@ -13,13 +13,7 @@ from mini_unlearn.data import class_split, forget_split, load_dataset
 from mini_unlearn.errors import ForgetSetError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is faster, and immune to a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_digits_unit_scaling_by_default():

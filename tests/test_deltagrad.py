@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import acc, vec
+
 import mini_unlearn as mu
 import mini_unlearn.methods.deltagrad  # noqa: F401  (mu.methods.deltagrad)
 from mini_unlearn import models as M
@@ -12,13 +14,7 @@ from mini_unlearn.data import forget_split, load_dataset
 from mini_unlearn.methods.deltagrad import _CompactLBFGS
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is faster, and immune to a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +22,6 @@ def digits():
     return load_dataset("digits", seed=0, preprocess="unit")
 
 
-def vec(m):
-    return torch.cat([p.detach().reshape(-1) for p in m.parameters()])
 
 
 def recipe(batch=64, epochs=20):

@@ -13,13 +13,7 @@ from mini_unlearn.evaluate import (accuracy, evaluate, kl_to, mia_efficacy, mia_
 from mini_unlearn.models import Recipe, default_recipe, make_model, train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is faster, and immune to a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

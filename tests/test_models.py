@@ -12,13 +12,7 @@ from mini_unlearn.models import (Recipe, batch_schedule, default_recipe, loss_fn
                                  make_model, objective, objective_and_grad, retain_schedule, train)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is faster, and immune to a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

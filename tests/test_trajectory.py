@@ -3,6 +3,8 @@ the same recipe, initialisation and batch sequence minus the forget samples."""
 import pytest
 import torch
 
+from conftest import acc, vec
+
 import mini_unlearn as mu
 from mini_unlearn import models as M
 from mini_unlearn.data import forget_split, load_dataset
@@ -10,13 +12,8 @@ from mini_unlearn.data import forget_split, load_dataset
 RATIOS = (0.01, 0.1, 0.3, 0.5)
 
 
-def vec(m):
-    return torch.cat([p.detach().reshape(-1) for p in m.parameters()])
 
 
-def acc(m, X, y):
-    with torch.no_grad():
-        return (m(X).argmax(1) == y).float().mean().item()
 
 
 class SgdRun:
