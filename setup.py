@@ -24,7 +24,10 @@ def _extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     # -fno-trapping-math: no FP traps are ever enabled, and it lets gcc vectorise floorf (the
     # stochastic rounding); values are unchanged (-ffp-contract=off keeps mul/add unfused).
-    cxx = ["-O3", "-fopenmp-simd", "-ffp-contract=off", "-fno-trapping-math"]
+    # -fopenmp: at::parallel_for is header-inline (ATen's OpenMP backend); without it the
+    # kernels would silently run on one thread. The OpenMP runtime is torch's own libgomp.
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math"]
+    link = ["-fopenmp"]
     if platform.machine() in ("x86_64", "AMD64"):
         cxx += ["-mavx2", "-mfma", "-mf16c"]  # baseline; AVX-512 clones are chosen at run time
         # the AVX-512 clones use full 512-bit vectors (gcc's x86-64-v4 default is 256)
@@ -32,7 +35,7 @@ def _extension():
     include_dirs = [os.path.join(HERE, "csrc")]
     if not _use_cuda():
         return CppExtension("mini_unlearn._C", sources, extra_compile_args={"cxx": cxx},
-                            include_dirs=include_dirs, py_limited_api=True)
+                            extra_link_args=link, include_dirs=include_dirs, py_limited_api=True)
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
     # cuBLAS/cuSPARSE headers of the pip CUDA wheels (torch's CUDA build) live here.
     import site
@@ -43,7 +46,8 @@ def _extension():
             include_dirs.append(inc)
     nvcc = ["-O3", "--fmad=false"]
     return CUDAExtension("mini_unlearn._C", sources, include_dirs=include_dirs,
-                         extra_compile_args={"cxx": cxx, "nvcc": nvcc}, py_limited_api=True)
+                         extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link,
+                         py_limited_api=True)
 
 
 setup(

@@ -5,9 +5,9 @@ its speed against eager PyTorch and torch.compile doing the same work.
 
 For every op and size (1M, 16M and 64M elements; --quick: 16M only) it records
   gbps               bytes the op must read + write / median time
-  ratio_to_copy      gbps / that of `dst.copy_(src)` (fp32) moving the same bytes, timed
-                     interleaved with the op in the same loop (so load from other processes
-                     hits both alike)
+  ratio_to_copy      copy time / op time for `dst.copy_(src)` (fp32) moving the same bytes,
+                     run right before the op in each round; the median over rounds (so load
+                     from other processes, or a change in where the threads run, hits both)
   speedup_vs_eager   eager PyTorch time / native time
   speedup_vs_compile torch.compile(eager function) time / native time (null if compile fails)
 
@@ -17,24 +17,38 @@ the tests, not a fast path), which would make the comparison unfair. Each baseli
 op's semantics (per-block absmax with the NaN/Inf check, round half to even, int4 packing, the
 stable (1 - a) / nu' with the nu' -> 0 limit) in fp32, written the way one would in PyTorch.
 
+On CPU there are two passes (see run()): the main numbers are taken with freed memory kept
+in the heap (as a caching allocator does), so they measure the kernel's own traffic; the
+*_fresh_pages fields repeat the native timing with the system allocator as it comes, where each
+large output is fresh memory that the OS must fault in and zero first. Large allocations use
+transparent huge pages (THP_MEM_ALLOC_ENABLE=1, set below unless given).
+
 dequant_dot_int8 and dequant_axpy_int8 use k = 8 rows of numel / 8 elements each, so the
 codes in total are `numel` bytes (k rows of numel each would need 8 x the memory at 64M).
 contraction_accumulate(_int8) always runs on one [4096, 4096] layer (16M elements), steps=156.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import platform
-import statistics
-import sys
-import time
-from typing import Callable
 
-import torch
+# Back every large CPU allocation with transparent huge pages (PyTorch's own switch, read once
+# at the first allocation, hence set before torch is imported). The native kernels ask for huge
+# pages on their own large outputs (csrc/cpu/simd.h); with this, the copy's buffers, the ops'
+# inputs and the eager / compiled baselines' tensors get them too, so every contender runs on
+# the same kind of memory. Set THP_MEM_ALLOC_ENABLE=0 to measure without.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
-from mini_unlearn import backend, ops
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from typing import Callable  # noqa: E402
+
+import torch  # noqa: E402
+
+from mini_unlearn import backend, ops  # noqa: E402
 
 MIB = 1 << 20
 SIZES = (1 * MIB, 16 * MIB, 64 * MIB)
@@ -192,8 +206,8 @@ def _time_once(fn, sync) -> float:
     return time.perf_counter() - t
 
 
-def _median_interleaved(fns, repeats: int, sync, warmup: int = 2) -> list[float]:
-    """Median time of each fn, timing them in turn within one loop."""
+def _time_interleaved(fns, repeats: int, sync, warmup: int = 2) -> list[list[float]]:
+    """Times of each fn over `repeats` rounds, timing them in turn within each round."""
     for _ in range(warmup):
         for f in fns:
             f()
@@ -201,7 +215,12 @@ def _median_interleaved(fns, repeats: int, sync, warmup: int = 2) -> list[float]
     for _ in range(repeats):
         for f, ts in zip(fns, times):
             ts.append(_time_once(f, sync))
-    return [statistics.median(ts) for ts in times]
+    return times
+
+
+def _median_interleaved(fns, repeats: int, sync, warmup: int = 2) -> list[float]:
+    """Median time of each fn, timing them in turn within one loop."""
+    return [statistics.median(ts) for ts in _time_interleaved(fns, repeats, sync, warmup)]
 
 
 def _copy_fn(nbytes: int, device: str):
@@ -225,54 +244,107 @@ def _compile(eager, errors: list[str], name: str):
         return None
 
 
-def _bench_row(name, numel, build, device, repeats, eager_repeats, errors, log):
+def _native_vs_copy(build, device, repeats):
+    """The native op and a copy of the same bytes, timed in alternation: median times, and the
+    median of the per-round ratios copy time / op time (each ratio compares two runs taken
+    milliseconds apart, so a change in machine state during the loop, e.g. other tenants or
+    where the threads land, hits both sides of it)."""
+    nbytes, native, eager, extra = build()
+    t_copy, t_native = _time_interleaved([_copy_fn(nbytes, device), native], repeats, _sync(device))
+    ratio = statistics.median(c / n for c, n in zip(t_copy, t_native))
+    return nbytes, statistics.median(t_native), statistics.median(t_copy), ratio, eager, extra
+
+
+def _bench_row(name, numel, build, device, repeats, eager_repeats, errors, log, fresh=None):
     sync = _sync(device)
     t0 = time.perf_counter()
-    nbytes, native, eager, extra = build()
-    copy = _copy_fn(nbytes, device)
-    t_copy, t_native = _median_interleaved([copy, native], repeats, sync)
+    nbytes, t_native, t_copy, ratio, eager, extra = _native_vs_copy(build, device, repeats)
     (t_eager,) = _median_interleaved([eager], eager_repeats, sync, warmup=1)
     compiled = _compile(eager, errors, name)
     t_compile = (_median_interleaved([compiled], eager_repeats, sync, warmup=1)[0]
                  if compiled is not None else None)
+    del compiled
     gbps, copy_gbps = nbytes / t_native / 1e9, nbytes / t_copy / 1e9
     row = {
         "op": name, "numel": numel, "gbps": round(gbps, 3),
-        "ratio_to_copy": round(gbps / copy_gbps, 3),
+        "ratio_to_copy": round(ratio, 3),
         "speedup_vs_eager": round(t_eager / t_native, 2),
         "speedup_vs_compile": None if t_compile is None else round(t_compile / t_native, 2),
         "bytes": nbytes, "time_s": t_native, "copy_gbps": round(copy_gbps, 3),
-        "eager_time_s": t_eager, "compile_time_s": t_compile, **extra,
+        "eager_time_s": t_eager, "compile_time_s": t_compile,
     }
+    if fresh is not None:  # the same op with the system allocator's fresh pages (pass 1)
+        f_native, f_ratio = fresh
+        row["gbps_fresh_pages"] = round(nbytes / f_native / 1e9, 3)
+        row["ratio_to_copy_fresh_pages"] = round(f_ratio, 3)
+    row.update(extra)
     log(f"{name:28s} {numel:>10d}  {gbps:7.2f} GB/s  x{row['ratio_to_copy']:.2f} copy  "
         f"x{row['speedup_vs_eager']:.1f} eager  "
-        f"{'x%.2f compile' % row['speedup_vs_compile'] if t_compile else 'compile n/a'}  "
-        f"({time.perf_counter() - t0:.0f}s)")
+        f"{'x%.2f compile' % row['speedup_vs_compile'] if t_compile else 'compile n/a'}"
+        f"{'  (fresh pages: x%.2f copy)' % row['ratio_to_copy_fresh_pages'] if fresh else ''}"
+        f"  ({time.perf_counter() - t0:.0f}s)")
     return row
 
 
+# glibc mallopt parameters: keep freed memory in the heap instead of returning it to the OS.
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+def _reuse_freed_memory() -> bool:
+    """Make glibc malloc serve every allocation from its heap and keep freed memory there, so
+    a repeated op gets its output buffer back instead of fresh zero-filled pages from the OS
+    (what PyTorch's CUDA caching allocator, jemalloc or tcmalloc do). False if not glibc."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    except (OSError, AttributeError):
+        return False
+
+
 def run(quick: bool, device: str, repeats: int | None = None, log=print) -> dict:
-    """Benchmark every op; returns the JSON-able dict described in the module docstring."""
+    """Benchmark every op; returns the JSON-able dict described in the module docstring.
+
+    On CPU it runs two passes. Pass 1 times each native op (against its copy) with the system
+    allocator as it comes: outputs above glibc's mmap threshold (32 MiB at most) are fresh
+    pages, which the OS must fault in and zero, a cost that scales with the output and that no
+    kernel can avoid (reported as gbps_fresh_pages / ratio_to_copy_fresh_pages). Pass 2 (the
+    main numbers, and the eager / compile baselines) keeps freed memory in the heap, as a
+    caching allocator does, so that gbps measures the kernel's own memory traffic.
+    """
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda asked, but torch.cuda.is_available() is False")
     sizes = QUICK_SIZES if quick else SIZES
-    repeats = repeats or (7 if quick else 15)
+    repeats = repeats or (9 if quick else 21)
     eager_repeats = 3 if quick else 5
     sync = _sync(device)
     errors: list[str] = []
+    n_contraction = CONTRACTION_SHAPE[0] * CONTRACTION_SHAPE[1]
+    rows = [(numel, name) for numel in sizes for name, _ in _cases(numel, device)[0]]
+    rows += [(n_contraction, name) for name, _ in _cases(n_contraction, device)[1]]
+
+    def build_of(numel, name):
+        flat, contraction = _cases(numel, device)
+        return dict(flat + contraction)[name]
+
+    fresh = {}
+    if device == "cpu":
+        log("pass 1: native ops with the system allocator (fresh pages for large outputs)")
+        for numel, name in rows:
+            _, t_native, _, ratio, _, _ = _native_vs_copy(build_of(numel, name), device, repeats)
+            fresh[(numel, name)] = (t_native, ratio)
+        reuse = _reuse_freed_memory()
+        log(f"pass 2: allocator keeps freed memory: {reuse}")
+    else:
+        reuse = None
     largest = max(sizes)
     (t_copy,) = _median_interleaved([_copy_fn(8 * largest, device)], repeats, sync)
     copy_gbps = 8 * largest / t_copy / 1e9
     log(f"copy: fp32 {largest} elements, {copy_gbps:.2f} GB/s ({torch.get_num_threads()} threads)")
-    results = []
-    flat_cases, contraction_cases = _cases(0, device)
-    for numel in sizes:
-        for name, _ in flat_cases:
-            build = dict(_cases(numel, device)[0])[name]
-            results.append(_bench_row(name, numel, build, device, repeats, eager_repeats, errors, log))
-    n_contraction = CONTRACTION_SHAPE[0] * CONTRACTION_SHAPE[1]
-    for name, build in contraction_cases:
-        results.append(_bench_row(name, n_contraction, build, device, repeats, eager_repeats, errors, log))
+    results = [_bench_row(name, numel, build_of(numel, name), device, repeats, eager_repeats, errors,
+                          log, fresh.get((numel, name)))
+               for numel, name in rows]
     return {
         "copy_gbps": round(copy_gbps, 3),
         "threads": torch.get_num_threads(),
@@ -286,15 +358,30 @@ def run(quick: bool, device: str, repeats: int | None = None, log=print) -> dict
         "block": BLOCK,
         "dot_axpy_layout": f"k={K_ROWS} rows of numel/{K_ROWS} elements each (numel codes in total)",
         "contraction": {"shape": list(CONTRACTION_SHAPE), "steps": STEPS, "lam": LAM, "eta": ETA},
-        "baselines": "eager: fp32 PyTorch re-implementations in this file (the reference computes "
-                     "in float64); compile: torch.compile of the same functions",
-        "gbps_definition": "bytes the op must read + write / median time; ratio_to_copy against "
-                           "dst.copy_(src) of the same bytes timed interleaved in the same loop",
+        "baselines": "eager: fp32 PyTorch re-implementations in benchmarks/bench_kernels.py (the "
+                     "reference computes dot/axpy/contraction in float64); compile: torch.compile "
+                     "(Inductor) of the same functions",
+        "gbps_definition": "bytes the op must read + write / median time; ratio_to_copy: median "
+                           "over rounds of (copy time / op time), the copy being dst.copy_(src) "
+                           "of an fp32 tensor moving the same bytes, run right before the op",
+        "allocator": ("main numbers with freed memory kept in the heap (glibc mallopt M_MMAP_MAX=0, "
+                      "M_TRIM_THRESHOLD=2^31-1); *_fresh_pages: the system allocator as it comes "
+                      "(outputs > 32 MiB are fresh, zero-filled pages each call)"
+                      if device == "cpu" else "torch CUDA caching allocator"),
+        "allocator_reuse": reuse,
         "thp_mem_alloc_enable": os.environ.get("THP_MEM_ALLOC_ENABLE"),
+        "loadavg": _loadavg(),
         "compile_errors": errors,
         "targets": {"ratio_to_copy": TARGET_COPY, "ratio_to_copy_contraction": TARGET_COPY_CONTRACTION,
                     "speedup_vs_eager": TARGET_EAGER, "contraction_vs_compile": 1.0},
     }
+
+
+def _loadavg():
+    try:
+        return [float(v) for v in open("/proc/loadavg").read().split()[:3]]
+    except (OSError, ValueError):
+        return None
 
 
 def _cpu_name() -> str:
@@ -316,17 +403,21 @@ def plot(result: dict, path: str) -> None:
 
     rows = result["results"]
     ops_order = list(dict.fromkeys(r["op"] for r in rows))
-    sizes = sorted({r["numel"] for r in rows if not r["op"].startswith("contraction")})
+    flat = [r for r in rows if not r["op"].startswith("contraction")]
+    sizes = sorted({r["numel"] for r in flat})
     fig, ax = plt.subplots(figsize=(11, 4.5))
     width = 0.8 / max(1, len(sizes))
     for si, numel in enumerate(sizes):
-        xs, ys = [], []
-        for oi, op in enumerate(ops_order):
-            match = [r for r in rows if r["op"] == op and (r["numel"] == numel or op.startswith("contraction"))]
-            if match and (not op.startswith("contraction") or si == 0):
-                xs.append(oi + (si - (len(sizes) - 1) / 2) * width if not op.startswith("contraction") else oi)
-                ys.append(match[0]["ratio_to_copy"])
-        ax.bar(xs, ys, width, label=f"{numel // MIB}M elements")
+        pts = [(ops_order.index(r["op"]) + (si - (len(sizes) - 1) / 2) * width, r["ratio_to_copy"])
+               for r in flat if r["numel"] == numel]
+        ax.bar([x for x, _ in pts], [y for _, y in pts], width, label=f"{numel // MIB}M elements")
+    con = [r for r in rows if r["op"].startswith("contraction")]
+    if con:
+        shape = "x".join(str(d) for d in CONTRACTION_SHAPE)
+        ax.bar([ops_order.index(r["op"]) for r in con], [r["ratio_to_copy"] for r in con], width,
+               color="tab:purple", label=f"contraction [{shape}], steps={STEPS}")
+        ax.axhline(TARGET_COPY_CONTRACTION, color="tab:purple", ls=":", lw=0.8,
+                   label=f"target {TARGET_COPY_CONTRACTION}x copy (contraction)")
     ax.axhline(1.0, color="k", lw=0.8)
     ax.axhline(TARGET_COPY, color="r", ls="--", lw=0.8, label=f"target {TARGET_COPY}x copy")
     ax.set_xticks(range(len(ops_order)))

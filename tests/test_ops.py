@@ -263,10 +263,11 @@ def test_stochastic_rounding_is_unbiased(bits):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
-def test_nonfinite_block_gets_nan_scale(bad, bits, dtype):
-    block, n = 64, 64 * 5 + 7
+@pytest.mark.parametrize("block, at", [(64, 10), (256, 250), (256, 77)])
+def test_nonfinite_block_gets_nan_scale(block, at, bad, bits, dtype):
+    n = block * 5 + 7
     x = make_x(n, torch.float32, 3).to(dtype)
-    x[64 + 10] = bad  # block 1
+    x[block + at] = bad  # block 1
     x[n - 1] = bad  # the partial last block
     for stochastic in (False, True):
         codes, scales = check_quantize_on(x, bits, block, stochastic)
@@ -274,16 +275,16 @@ def test_nonfinite_block_gets_nan_scale(bad, bits, dtype):
         good = [0, 2, 3, 4]
         assert torch.isfinite(scales[good]).all()
         xh = ops.dequantize_blockwise(codes, scales, bits=bits, block=block, numel=n)
-        assert torch.isnan(xh[64:128]).all() and torch.isnan(xh[320:]).all()
+        assert torch.isnan(xh[block:2 * block]).all() and torch.isnan(xh[5 * block:]).all()
         clean = x.clone()
-        clean[64 + 10] = 0
+        clean[block + at] = 0
         clean[n - 1] = 0
         c2, s2 = ops.quantize_blockwise(clean, bits=bits, block=block)
         h2 = ops.dequantize_blockwise(c2, s2, bits=bits, block=block, numel=n)
         for b in good:  # other blocks are unaffected
             assert torch.equal(scales[b], s2[b])
             if not stochastic:
-                assert torch.equal(xh[b * 64:(b + 1) * 64], h2[b * 64:(b + 1) * 64])
+                assert torch.equal(xh[b * block:(b + 1) * block], h2[b * block:(b + 1) * block])
 
 
 def check_quantize_on(x, bits, block, stochastic):

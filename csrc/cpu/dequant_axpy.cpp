@@ -8,29 +8,74 @@
 namespace mini_unlearn {
 namespace {
 
-// y += c_j * w_j for up to four rows per pass over y (y is loaded and stored once). The adds
-// keep the row order of a row-by-row loop, ((y + c0 w0) + c1 w1) + ..., so the result does
-// not depend on the grouping.
-MU_CLONES void axpy4_int8(float* y, const int8_t* w0, const int8_t* w1, const int8_t* w2,
-                          const int8_t* w3, const float* c, int64_t n) {
-  const float c0 = c[0], c1 = c[1], c2 = c[2], c3 = c[3];
-  for (int64_t i = 0; i < n; ++i) {
+// y += c_j * w_j for up to four rows per pass over y (y is loaded and stored once). Every path
+// adds the rows in order with separate multiply and add, ((y + c0 w0) + c1 w1) + ..., the
+// same arithmetic as a row-by-row loop, so the result is the same on every ISA and grouping.
+#ifdef MU_X86_KERNELS
+template <int R>
+MU_TARGET_AVX512 void axpy_int8_avx512(float* y, const int8_t* const* wp, const float* c, int64_t n) {
+  const int8_t* w[R];
+  __m512 cv[R];
+  for (int r = 0; r < R; ++r) w[r] = wp[r], cv[r] = _mm512_set1_ps(c[r]);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    __m512 t = _mm512_loadu_ps(y + i);
+    for (int r = 0; r < R; ++r) t = _mm512_add_ps(t, _mm512_mul_ps(cv[r], load16_i8_as_f32(w[r] + i)));
+    _mm512_storeu_ps(y + i, t);
+  }
+  for (; i < n; ++i) {
     float t = y[i];
-    t += c0 * static_cast<float>(w0[i]);
-    t += c1 * static_cast<float>(w1[i]);
-    t += c2 * static_cast<float>(w2[i]);
-    t += c3 * static_cast<float>(w3[i]);
+    for (int r = 0; r < R; ++r) t += c[r] * static_cast<float>(w[r][i]);
     y[i] = t;
   }
 }
 
-MU_CLONES void axpy_int8(float* y, const int8_t* w, float c, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] += c * static_cast<float>(w[i]);
+template <int R>
+void axpy_int8_avx2(float* y, const int8_t* const* wp, const float* c, int64_t n) {
+  const int8_t* w[R];
+  __m256 cv[R];
+  for (int r = 0; r < R; ++r) w[r] = wp[r], cv[r] = _mm256_set1_ps(c[r]);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m256 t = _mm256_loadu_ps(y + i);
+    for (int r = 0; r < R; ++r) {
+      const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w[r] + i));
+      t = _mm256_add_ps(t, _mm256_mul_ps(cv[r], _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b))));
+    }
+    _mm256_storeu_ps(y + i, t);
+  }
+  for (; i < n; ++i) {
+    float t = y[i];
+    for (int r = 0; r < R; ++r) t += c[r] * static_cast<float>(w[r][i]);
+    y[i] = t;
+  }
+}
+#endif
+
+// y[i] += c[r] * w[r][i] for rows r < rows <= 4, in row order.
+void axpy_rows_int8(float* y, const int8_t* const* w, const float* c, int rows, int64_t n) {
+#ifdef MU_X86_KERNELS
+  const bool wide = cpu_has_avx512();
+  switch (rows) {
+    case 4: return wide ? axpy_int8_avx512<4>(y, w, c, n) : axpy_int8_avx2<4>(y, w, c, n);
+    case 3: return wide ? axpy_int8_avx512<3>(y, w, c, n) : axpy_int8_avx2<3>(y, w, c, n);
+    case 2: return wide ? axpy_int8_avx512<2>(y, w, c, n) : axpy_int8_avx2<2>(y, w, c, n);
+    default: return wide ? axpy_int8_avx512<1>(y, w, c, n) : axpy_int8_avx2<1>(y, w, c, n);
+  }
+#else
+  for (int64_t i = 0; i < n; ++i) {
+    float t = y[i];
+    for (int r = 0; r < rows; ++r) t += c[r] * static_cast<float>(w[r][i]);
+    y[i] = t;
+  }
+#endif
 }
 
 MU_CLONES void axpy_f32(float* y, const float* w, float c, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += c * w[i];
 }
+
+constexpr int64_t kSpan = 65536;
 
 template <typename scalar_t>
 void dequant_axpy_impl(const scalar_t* y, const uint8_t* codes, const float* scales,
@@ -38,14 +83,17 @@ void dequant_axpy_impl(const scalar_t* y, const uint8_t* codes, const float* sca
                        scalar_t* out) {
   const int qmax = qmax_for_bits(bits);
   const int64_t nb = num_blocks(d, block), row_bytes = code_bytes(d, bits);
-  const int64_t span = std::max<int64_t>(1, kMaxBlock / block);  // blocks per span: <= 4096 elements
+  const int64_t span = std::max<int64_t>(1, kSpan / block);  // blocks per span: <= 64Ki elements
   const bool stream = std::is_same_v<scalar_t, float> && d * 4 >= kStreamBytes;
   at::parallel_for(0, nb, grain_blocks(block), [&](int64_t b0, int64_t b1) {
-    alignas(64) float ybuf[kMaxBlock], wbuf[kMaxBlock];
+    std::vector<float> ybuf_v(static_cast<size_t>(std::min(span * block, d)));
+    float* ybuf = ybuf_v.data();
+    alignas(64) float wbuf[kMaxBlock];
     for (int64_t bs = b0; bs < b1; bs += span) {
-      // A span of up to 4096 elements of y is staged once; rows go four at a time through the
-      // whole span (a few KiB read contiguously per row visit). Every element still receives
-      // the rows in ascending order, ((y + c0 w0) + c1 w1) + ..., whatever the grouping.
+      // A span of y (up to 64Ki elements, 256 KiB: in L2) is staged once; rows go four at a
+      // time through the whole span (many KiB read contiguously per row visit). Every element
+      // still receives the rows in ascending order, ((y + c0 w0) + c1 w1) + ..., whatever the
+      // grouping.
       const int64_t be = std::min(b1, bs + span);
       const int64_t span0 = bs * block, len = std::min(be * block, d) - span0;
       const float* ys = as_float(y + span0, len, ybuf);
@@ -53,22 +101,19 @@ void dequant_axpy_impl(const scalar_t* y, const uint8_t* codes, const float* sca
       int64_t j = 0;
       if (bits == 8) {
         const auto* w = reinterpret_cast<const int8_t*>(codes);
-        for (; j + 4 <= k; j += 4) {
+        for (; j < k; j += 4) {
+          const int rows = static_cast<int>(std::min<int64_t>(4, k - j));
           for (int64_t b = bs; b < be; ++b) {
             const int64_t start = b * block, n = std::min(block, d - start);
             float c[4];
-            for (int r = 0; r < 4; ++r) c[r] = coeff[j + r] * dequant_step(scales[(j + r) * nb + b], qmax);
-            const int8_t* wb = w + start;
-            axpy4_int8(ybuf + (start - span0), wb + j * row_bytes, wb + (j + 1) * row_bytes,
-                       wb + (j + 2) * row_bytes, wb + (j + 3) * row_bytes, c, n);
+            const int8_t* wr[4];
+            for (int r = 0; r < rows; ++r) {
+              c[r] = coeff[j + r] * dequant_step(scales[(j + r) * nb + b], qmax);
+              wr[r] = w + (j + r) * row_bytes + start;
+            }
+            axpy_rows_int8(ybuf + (start - span0), wr, c, rows, n);
           }
         }
-        for (; j < k; ++j)
-          for (int64_t b = bs; b < be; ++b) {
-            const int64_t start = b * block, n = std::min(block, d - start);
-            axpy_int8(ybuf + (start - span0), w + j * row_bytes + start,
-                      coeff[j] * dequant_step(scales[j * nb + b], qmax), n);
-          }
       } else {
         for (; j < k; ++j)
           for (int64_t b = bs; b < be; ++b) {

@@ -8,28 +8,95 @@
 namespace mini_unlearn {
 namespace {
 
-// Code-unit dot products (step 1; the block's step scales the sum once). Up to four rows in
-// one pass: v is loaded once for all of them and four independent sums hide the add latency.
-// Each row's sum is the same vectorised reduction as a one-row loop, so results do not depend
-// on how the rows are grouped.
-MU_CLONES void dot4_int8(const int8_t* c0, const int8_t* c1, const int8_t* c2, const int8_t* c3,
-                         const float* v, int64_t n, float* out) {
-  float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-  for (int64_t i = 0; i < n; ++i) {
-    s0 += static_cast<float>(c0[i]) * v[i];
-    s1 += static_cast<float>(c1[i]) * v[i];
-    s2 += static_cast<float>(c2[i]) * v[i];
-    s3 += static_cast<float>(c3[i]) * v[i];
+// Code-unit dot products (step 1; the block's step scales the sum once), up to four rows per
+// pass: v is loaded once for all of them and the independent sums hide the add latency.
+// int8 rows: every path keeps two 16-lane partial sums over each 32 elements (lane l of the
+// first sums elements 32g + l, of the second 32g + 16 + l, one fused multiply-add each), adds
+// them lane by lane, reduces the 16 lanes in a fixed order (lane_sum16), then adds the tail in
+// order, so the result is the same on AVX-512, AVX2 and the generic loop, for any grouping of
+// rows. int4 rows are decoded to a float buffer and use the compiler-vectorised loops.
+#ifdef MU_X86_KERNELS
+template <int R>
+MU_TARGET_AVX512 void dot_int8_avx512(const int8_t* const* cp, const float* v, int64_t n, float* out) {
+  const int8_t* c[R];
+  __m512 a[R], b[R];  // partial sums of the first and second 16 of every 32 elements
+  for (int r = 0; r < R; ++r) c[r] = cp[r], a[r] = b[r] = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m512 v0 = _mm512_loadu_ps(v + i), v1 = _mm512_loadu_ps(v + i + 16);
+    for (int r = 0; r < R; ++r) {
+      a[r] = _mm512_fmadd_ps(load16_i8_as_f32(c[r] + i), v0, a[r]);
+      b[r] = _mm512_fmadd_ps(load16_i8_as_f32(c[r] + i + 16), v1, b[r]);
+    }
   }
-  out[0] = s0, out[1] = s1, out[2] = s2, out[3] = s3;
+  for (int r = 0; r < R; ++r) {
+    alignas(64) float t[16];
+    _mm512_store_ps(t, _mm512_add_ps(a[r], b[r]));
+    float s = lane_sum16(t);
+    for (int64_t j = i; j < n; ++j) s += static_cast<float>(c[r][j]) * v[j];
+    out[r] = s;
+  }
 }
 
-MU_CLONES float dot_int8(const int8_t* c, const float* v, int64_t n) {
-  float s = 0.f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += static_cast<float>(c[i]) * v[i];
-  return s;
+template <int R>
+void dot_int8_avx2(const int8_t* const* cp, const float* v, int64_t n, float* out) {
+  const int8_t* c[R];
+  __m256 a0[R], a1[R], b0[R], b1[R];  // lanes 0-7 / 8-15 of the two 16-lane partial sums
+  for (int r = 0; r < R; ++r) c[r] = cp[r], a0[r] = a1[r] = b0[r] = b1[r] = _mm256_setzero_ps();
+  auto cvt8 = [](const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  };
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m256 v0 = _mm256_loadu_ps(v + i), v1 = _mm256_loadu_ps(v + i + 8);
+    const __m256 v2 = _mm256_loadu_ps(v + i + 16), v3 = _mm256_loadu_ps(v + i + 24);
+    for (int r = 0; r < R; ++r) {
+      a0[r] = _mm256_fmadd_ps(cvt8(c[r] + i), v0, a0[r]);
+      a1[r] = _mm256_fmadd_ps(cvt8(c[r] + i + 8), v1, a1[r]);
+      b0[r] = _mm256_fmadd_ps(cvt8(c[r] + i + 16), v2, b0[r]);
+      b1[r] = _mm256_fmadd_ps(cvt8(c[r] + i + 24), v3, b1[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    alignas(32) float t[16];
+    _mm256_store_ps(t, _mm256_add_ps(a0[r], b0[r]));
+    _mm256_store_ps(t + 8, _mm256_add_ps(a1[r], b1[r]));
+    float s = lane_sum16(t);
+    for (int64_t j = i; j < n; ++j) s += static_cast<float>(c[r][j]) * v[j];
+    out[r] = s;
+  }
+}
+#else
+void dot_int8_generic(const int8_t* const* c, int rows, const float* v, int64_t n, float* out) {
+  for (int r = 0; r < rows; ++r) {
+    float a[16] = {}, b[16] = {};
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32)
+      for (int l = 0; l < 16; ++l) {
+        a[l] = std::fma(static_cast<float>(c[r][i + l]), v[i + l], a[l]);
+        b[l] = std::fma(static_cast<float>(c[r][i + 16 + l]), v[i + 16 + l], b[l]);
+      }
+    for (int l = 0; l < 16; ++l) a[l] += b[l];
+    float s = lane_sum16(a);
+    for (int64_t j = i; j < n; ++j) s += static_cast<float>(c[r][j]) * v[j];
+    out[r] = s;
+  }
+}
+#endif
+
+// out[r] = sum_i c[r][i] * v[i] for rows r < rows <= 4.
+void dot_rows_int8(const int8_t* const* c, int rows, const float* v, int64_t n, float* out) {
+#ifdef MU_X86_KERNELS
+  const bool wide = cpu_has_avx512();
+  switch (rows) {
+    case 4: return wide ? dot_int8_avx512<4>(c, v, n, out) : dot_int8_avx2<4>(c, v, n, out);
+    case 3: return wide ? dot_int8_avx512<3>(c, v, n, out) : dot_int8_avx2<3>(c, v, n, out);
+    case 2: return wide ? dot_int8_avx512<2>(c, v, n, out) : dot_int8_avx2<2>(c, v, n, out);
+    default: return wide ? dot_int8_avx512<1>(c, v, n, out) : dot_int8_avx2<1>(c, v, n, out);
+  }
+#else
+  dot_int8_generic(c, rows, v, n, out);
+#endif
 }
 
 MU_CLONES void dot4_f32(const float* w0, const float* w1, const float* w2, const float* w3,
@@ -54,41 +121,34 @@ MU_CLONES float dot_f32(const float* a, const float* b, int64_t n) {
 
 // Blocks [bs, be) of every row against v (staged in vb): acc[j] += <W_j block, v block> * step
 // for each block in ascending order. Rows go four at a time through the whole span, so each
-// visit to a row reads a few KiB contiguously (prefetch-friendly even with many rows).
+// visit to a row reads many KiB contiguously (prefetch-friendly even with many rows).
+constexpr int64_t kSpan = 65536;
+
 void span_dots(const uint8_t* codes, const float* scales, int64_t row_bytes, int64_t nb, int64_t k,
                int bits, int qmax, int64_t block, int64_t d, int64_t bs, int64_t be,
                const float* vb, float (*wbuf)[kMaxBlock], double* acc) {
   const int64_t span0 = bs * block;
-  int64_t j = 0;
   float sums[4];
-  for (; j + 4 <= k; j += 4) {
+  for (int64_t j = 0; j < k; j += 4) {
+    const int rows = static_cast<int>(std::min<int64_t>(4, k - j));
     for (int64_t b = bs; b < be; ++b) {
       const int64_t start = b * block, n = std::min(block, d - start);
       const float* v = vb + (start - span0);
       if (bits == 8) {
-        const auto* c = reinterpret_cast<const int8_t*>(codes) + start;
-        dot4_int8(c + j * row_bytes, c + (j + 1) * row_bytes, c + (j + 2) * row_bytes,
-                  c + (j + 3) * row_bytes, v, n, sums);
-      } else {
+        const int8_t* c[4];
+        for (int r = 0; r < rows; ++r) c[r] = reinterpret_cast<const int8_t*>(codes) + (j + r) * row_bytes + start;
+        dot_rows_int8(c, rows, v, n, sums);
+      } else if (rows == 4) {
         for (int r = 0; r < 4; ++r) decode_span(codes + (j + r) * row_bytes, bits, start, n, 1.f, wbuf[r]);
         dot4_f32(wbuf[0], wbuf[1], wbuf[2], wbuf[3], v, n, sums);
-      }
-      for (int r = 0; r < 4; ++r)
-        acc[j + r] += static_cast<double>(sums[r]) * dequant_step(scales[(j + r) * nb + b], qmax);
-    }
-  }
-  for (; j < k; ++j) {
-    for (int64_t b = bs; b < be; ++b) {
-      const int64_t start = b * block, n = std::min(block, d - start);
-      const float* v = vb + (start - span0);
-      float sum;
-      if (bits == 8) {
-        sum = dot_int8(reinterpret_cast<const int8_t*>(codes) + j * row_bytes + start, v, n);
       } else {
-        decode_span(codes + j * row_bytes, bits, start, n, 1.f, wbuf[0]);
-        sum = dot_f32(wbuf[0], v, n);
+        for (int r = 0; r < rows; ++r) {
+          decode_span(codes + (j + r) * row_bytes, bits, start, n, 1.f, wbuf[0]);
+          sums[r] = dot_f32(wbuf[0], v, n);
+        }
       }
-      acc[j] += static_cast<double>(sum) * dequant_step(scales[j * nb + b], qmax);
+      for (int r = 0; r < rows; ++r)
+        acc[j + r] += static_cast<double>(sums[r]) * dequant_step(scales[(j + r) * nb + b], qmax);
     }
   }
 }
@@ -98,7 +158,10 @@ void dequant_dot_impl(const uint8_t* codes, const float* scales, const scalar_t*
                       int64_t d, int bits, int64_t block, float* out) {
   const int qmax = qmax_for_bits(bits);
   const int64_t nb = num_blocks(d, block), row_bytes = code_bytes(d, bits);
-  const int64_t span = std::max<int64_t>(1, kMaxBlock / block);  // blocks per span: <= 4096 elements
+  // Blocks per span: 64Ki elements when v is fp32 (read in place; each row visit then reads
+  // 64 KiB of codes contiguously, and v's span stays in L2 for the next group of rows), else
+  // what the staging buffer holds.
+  const int64_t span = std::max<int64_t>(1, (std::is_same_v<scalar_t, float> ? kSpan : kMaxBlock) / block);
   const int nthreads = at::get_num_threads();
   std::vector<double> partial(static_cast<size_t>(nthreads) * k, 0.0);
   at::parallel_for(0, nb, grain_blocks(block), [&](int64_t b0, int64_t b1) {

@@ -92,6 +92,34 @@ inline void store_from_float(const float* buf, int64_t n, scalar_t* out) {
   }
 }
 
+// Hand-written AVX-512 / AVX2 kernels (where the compiler's own vectorisation is weak, e.g. the
+// int8 -> float widening) are picked once at run time by the CPU's features.
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__AVX2__) && defined(__FMA__)
+#define MU_X86_KERNELS 1
+#define MU_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
+inline bool cpu_has_avx512() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+  return ok;
+}
+#endif
+
+#ifdef MU_X86_KERNELS
+// 16 int8 codes -> 16 floats (vpmovsxbd + vcvtdq2ps; the all-ones-mask forms avoid gcc 12's
+// spurious -Wmaybe-uninitialized on _mm512_undefined_*).
+MU_TARGET_AVX512 inline __m512 load16_i8_as_f32(const int8_t* p) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm512_maskz_cvtepi32_ps(__mmask16(0xFFFF), _mm512_maskz_cvtepi8_epi32(__mmask16(0xFFFF), b));
+}
+#endif
+
+// Sum of 16 lane partial sums in a fixed pairwise order (l + l+8, then + l+4, + l+2, + l+1).
+inline float lane_sum16(float* t) {
+  for (int w = 8; w >= 1; w /= 2)
+    for (int l = 0; l < w; ++l) t[l] += t[l + w];
+  return t[0];
+}
+
 // Work split: a grain of about 32k elements per task.
 inline int64_t grain_blocks(int64_t block) { return std::max<int64_t>(1, 32768 / block); }
 
