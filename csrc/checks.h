@@ -82,6 +82,75 @@ inline void check_contraction(const at::Tensor& acc, const at::Tensor& s_out,
   check_same_device(acc, s_in, "acc", "s_in");
 }
 
+// ---- each op's whole validation, called by its CPU and its CUDA kernel ----------------------
+
+inline void check_device(const at::Tensor& t, at::DeviceType dev, const char* name) {
+  TORCH_CHECK(t.device().type() == dev, "mini_unlearn: expected ", name, " to be a ",
+              c10::DeviceTypeName(dev), " tensor, got ", t.device());
+}
+
+inline void check_quantize(const at::Tensor& x, int64_t bits, int64_t block, at::DeviceType dev) {
+  check_bits_block(bits, block);
+  check_float_input(x, "x");
+  TORCH_CHECK(x.dim() == 1, "mini_unlearn: quantize_blockwise takes a 1-D tensor, got shape ",
+              x.sizes(), " (flatten it first)");
+  check_device(x, dev, "x");
+}
+
+inline void check_dequantize(const at::Tensor& codes, const at::Tensor& scales, int64_t bits,
+                             int64_t block, int64_t numel, at::ScalarType dtype, at::DeviceType dev) {
+  check_codes(codes, scales, bits, block, numel, /*rows=*/false);
+  check_device(codes, dev, "codes");
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+              "mini_unlearn: dtype must be float32, bfloat16 or float16, got ", dtype);
+}
+
+// Returns k, the number of compressed rows.
+inline int64_t check_dot(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& v,
+                         int64_t bits, int64_t block, at::DeviceType dev) {
+  check_float_input(v, "v");
+  TORCH_CHECK(v.dim() == 1, "mini_unlearn: v must be 1-D, got shape ", v.sizes());
+  const int64_t k = check_codes(codes, scales, bits, block, v.numel(), /*rows=*/true);
+  check_same_device(codes, v, "codes", "v");
+  check_device(v, dev, "v");
+  return k;
+}
+
+inline int64_t check_axpy(const at::Tensor& y, const at::Tensor& codes, const at::Tensor& scales,
+                          const at::Tensor& coeff, int64_t bits, int64_t block, at::DeviceType dev) {
+  check_float_input(y, "y");
+  TORCH_CHECK(y.dim() == 1, "mini_unlearn: y must be 1-D, got shape ", y.sizes());
+  const int64_t k = check_codes(codes, scales, bits, block, y.numel(), /*rows=*/true);
+  TORCH_CHECK(coeff.scalar_type() == at::kFloat && coeff.dim() == 1 && coeff.numel() == k &&
+                  coeff.is_contiguous(),
+              "mini_unlearn: coeff must be a contiguous float32 vector of length k=", k, ", got ",
+              coeff.scalar_type(), " ", coeff.sizes());
+  check_same_device(codes, y, "codes", "y");
+  check_same_device(coeff, y, "coeff", "y");
+  check_device(y, dev, "y");
+  return k;
+}
+
+inline void check_contraction_dense(const at::Tensor& acc, const at::Tensor& x, const at::Tensor& s_out,
+                                    const at::Tensor& s_in, int64_t steps, at::DeviceType dev) {
+  check_contraction(acc, s_out, s_in, steps);
+  check_float_input(x, "x");
+  TORCH_CHECK(x.numel() == acc.numel(), "mini_unlearn: x has ", x.numel(), " elements, acc has ",
+              acc.numel());
+  check_same_device(acc, x, "acc", "x");
+  check_device(acc, dev, "acc");
+}
+
+inline void check_contraction_codes(const at::Tensor& acc, const at::Tensor& codes,
+                                    const at::Tensor& scales, const at::Tensor& s_out,
+                                    const at::Tensor& s_in, int64_t steps, int64_t bits, int64_t block,
+                                    at::DeviceType dev) {
+  check_contraction(acc, s_out, s_in, steps);
+  check_codes(codes, scales, bits, block, acc.numel(), /*rows=*/false);
+  check_same_device(acc, codes, "acc", "codes");
+  check_device(acc, dev, "acc");
+}
+
 }  // namespace mini_unlearn
 
 // The input dtypes every op accepts (fp32, fp16, bf16): no double instantiation to compile.

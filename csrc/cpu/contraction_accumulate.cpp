@@ -106,16 +106,11 @@ Segment make_segment(double lam, double eta, int64_t steps) {
 
 void contraction_accumulate_cpu(const at::Tensor& acc, const at::Tensor& x, const at::Tensor& s_out,
                                 const at::Tensor& s_in, double lam, double eta, int64_t steps) {
-  check_contraction(acc, s_out, s_in, steps);
-  check_float_input(x, "x");
-  TORCH_CHECK(x.numel() == acc.numel(), "mini_unlearn: x has ", x.numel(), " elements, acc has ",
-              acc.numel());
-  check_same_device(acc, x, "acc", "x");
-  TORCH_CHECK(acc.device().is_cpu(), "mini_unlearn: expected CPU tensors");
+  check_contraction_dense(acc, x, s_out, s_in, steps, at::kCPU);
   const Segment seg = make_segment(lam, eta, steps);
   float* a = acc.data_ptr<float>();
   const int64_t d_in = s_in.numel();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "contraction_accumulate", [&] {
+  MU_DISPATCH_FLOATS(x.scalar_type(), "contraction_accumulate", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     at::parallel_for(0, acc.numel(), 16384, [&](int64_t e0, int64_t e1) {
       contraction_range(a, s_out.data_ptr<float>(), s_in.data_ptr<float>(), d_in, seg, e0, e1, kTile,
@@ -128,10 +123,7 @@ void contraction_accumulate_q_cpu(const at::Tensor& acc, const at::Tensor& codes
                                   const at::Tensor& scales, const at::Tensor& s_out,
                                   const at::Tensor& s_in, double lam, double eta, int64_t steps,
                                   int64_t bits, int64_t block) {
-  check_contraction(acc, s_out, s_in, steps);
-  check_codes(codes, scales, bits, block, acc.numel(), /*rows=*/false);
-  check_same_device(acc, codes, "acc", "codes");
-  TORCH_CHECK(acc.device().is_cpu(), "mini_unlearn: expected CPU tensors");
+  check_contraction_codes(acc, codes, scales, s_out, s_in, steps, bits, block, at::kCPU);
   const Segment seg = make_segment(lam, eta, steps);
   const int qmax = qmax_for_bits(bits);
   const auto* c = static_cast<const uint8_t*>(codes.data_ptr());

@@ -135,19 +135,10 @@ void dequant_axpy_impl(const scalar_t* y, const uint8_t* codes, const float* sca
 
 at::Tensor dequant_axpy_cpu(const at::Tensor& y, const at::Tensor& codes, const at::Tensor& scales,
                             const at::Tensor& coeff, int64_t bits, int64_t block) {
-  check_float_input(y, "y");
-  TORCH_CHECK(y.dim() == 1, "mini_unlearn: y must be 1-D, got shape ", y.sizes());
-  const int64_t k = check_codes(codes, scales, bits, block, y.numel(), /*rows=*/true);
-  TORCH_CHECK(coeff.scalar_type() == at::kFloat && coeff.dim() == 1 && coeff.numel() == k &&
-                  coeff.is_contiguous(),
-              "mini_unlearn: coeff must be a contiguous float32 vector of length k=", k, ", got ",
-              coeff.scalar_type(), " ", coeff.sizes());
-  check_same_device(codes, y, "codes", "y");
-  check_same_device(coeff, y, "coeff", "y");
-  TORCH_CHECK(y.device().is_cpu(), "mini_unlearn: expected CPU tensors");
+  const int64_t k = check_axpy(y, codes, scales, coeff, bits, block, at::kCPU);
   at::Tensor out = at::empty_like(y);
   advise_huge_pages(out.data_ptr(), out.nbytes());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "dequant_axpy", [&] {
+  MU_DISPATCH_FLOATS(y.scalar_type(), "dequant_axpy", [&] {
     dequant_axpy_impl<scalar_t>(y.data_ptr<scalar_t>(), static_cast<const uint8_t*>(codes.data_ptr()),
                                 scales.data_ptr<float>(), coeff.data_ptr<float>(), k, y.numel(),
                                 static_cast<int>(bits), block, out.data_ptr<scalar_t>());

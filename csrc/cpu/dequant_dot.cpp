@@ -184,13 +184,9 @@ void dequant_dot_impl(const uint8_t* codes, const float* scales, const scalar_t*
 
 at::Tensor dequant_dot_cpu(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& v,
                            int64_t bits, int64_t block) {
-  check_float_input(v, "v");
-  TORCH_CHECK(v.dim() == 1, "mini_unlearn: v must be 1-D, got shape ", v.sizes());
-  const int64_t k = check_codes(codes, scales, bits, block, v.numel(), /*rows=*/true);
-  check_same_device(codes, v, "codes", "v");
-  TORCH_CHECK(v.device().is_cpu(), "mini_unlearn: expected CPU tensors");
+  const int64_t k = check_dot(codes, scales, v, bits, block, at::kCPU);
   at::Tensor out = at::empty({k}, v.options().dtype(at::kFloat));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, v.scalar_type(), "dequant_dot", [&] {
+  MU_DISPATCH_FLOATS(v.scalar_type(), "dequant_dot", [&] {
     dequant_dot_impl<scalar_t>(static_cast<const uint8_t*>(codes.data_ptr()), scales.data_ptr<float>(),
                                v.data_ptr<scalar_t>(), k, v.numel(), static_cast<int>(bits), block,
                                out.data_ptr<float>());

@@ -9,17 +9,14 @@ namespace {
 
 at::Tensor dequantize_blockwise_cpu(const at::Tensor& codes, const at::Tensor& scales, int64_t bits,
                                     int64_t block, int64_t numel, at::ScalarType dtype) {
-  check_codes(codes, scales, bits, block, numel, /*rows=*/false);
-  TORCH_CHECK(codes.device().is_cpu(), "mini_unlearn: expected CPU tensors");
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
-              "mini_unlearn: dtype must be float32, bfloat16 or float16, got ", dtype);
+  check_dequantize(codes, scales, bits, block, numel, dtype, at::kCPU);
   at::Tensor out = at::empty({numel}, scales.options().dtype(dtype));
   const int qmax = qmax_for_bits(bits);
   const auto* c = static_cast<const uint8_t*>(codes.data_ptr());
   const float* s = scales.data_ptr<float>();
   advise_huge_pages(out.data_ptr(), out.nbytes());
   const bool stream = static_cast<int64_t>(out.nbytes()) >= kStreamBytes;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "dequantize_blockwise", [&] {
+  MU_DISPATCH_FLOATS(dtype, "dequantize_blockwise", [&] {
     scalar_t* o = out.data_ptr<scalar_t>();
     at::parallel_for(0, num_blocks(numel, block), grain_blocks(block), [&](int64_t b0, int64_t b1) {
       alignas(64) float buf[kMaxBlock];

@@ -105,16 +105,12 @@ void quantize_cpu_impl(const scalar_t* x, int64_t numel, int bits, int64_t block
 std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cpu(const at::Tensor& x, int64_t bits,
                                                           int64_t block, bool stochastic,
                                                           int64_t seed) {
-  check_bits_block(bits, block);
-  check_float_input(x, "x");
-  TORCH_CHECK(x.dim() == 1, "mini_unlearn: quantize_blockwise takes a 1-D tensor, got shape ",
-              x.sizes(), " (flatten it first)");
-  TORCH_CHECK(x.device().is_cpu(), "mini_unlearn: expected a CPU tensor");
+  check_quantize(x, bits, block, at::kCPU);
   const int64_t numel = x.numel();
   at::Tensor codes = at::empty({code_bytes(numel, bits)}, x.options().dtype(code_dtype(bits)));
   at::Tensor scales = at::empty({num_blocks(numel, block)}, x.options().dtype(at::kFloat));
   advise_huge_pages(codes.data_ptr(), codes.numel());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "quantize_blockwise", [&] {
+  MU_DISPATCH_FLOATS(x.scalar_type(), "quantize_blockwise", [&] {
     quantize_cpu_impl<scalar_t>(x.data_ptr<scalar_t>(), numel, bits, block, stochastic, seed,
                                 static_cast<uint8_t*>(codes.data_ptr()), scales.data_ptr<float>());
   });

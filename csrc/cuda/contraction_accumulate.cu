@@ -88,12 +88,7 @@ SegmentArgs make_segment(double lam, double eta, int64_t steps) {
 
 void contraction_accumulate_cuda(const at::Tensor& acc, const at::Tensor& x, const at::Tensor& s_out,
                                  const at::Tensor& s_in, double lam, double eta, int64_t steps) {
-  check_contraction(acc, s_out, s_in, steps);
-  check_float_input(x, "x");
-  TORCH_CHECK(x.numel() == acc.numel(), "mini_unlearn: x has ", x.numel(), " elements, acc has ",
-              acc.numel());
-  check_same_device(acc, x, "acc", "x");
-  cuda::check_cuda(acc, "acc");
+  check_contraction_dense(acc, x, s_out, s_in, steps, at::kCUDA);
   const c10::cuda::CUDAGuard guard(acc.device());
   const int64_t numel = acc.numel();
   if (numel == 0) return;
@@ -114,10 +109,7 @@ void contraction_accumulate_q_cuda(const at::Tensor& acc, const at::Tensor& code
                                    const at::Tensor& scales, const at::Tensor& s_out,
                                    const at::Tensor& s_in, double lam, double eta, int64_t steps,
                                    int64_t bits, int64_t block) {
-  check_contraction(acc, s_out, s_in, steps);
-  check_codes(codes, scales, bits, block, acc.numel(), /*rows=*/false);
-  check_same_device(acc, codes, "acc", "codes");
-  cuda::check_cuda(acc, "acc");
+  check_contraction_codes(acc, codes, scales, s_out, s_in, steps, bits, block, at::kCUDA);
   const c10::cuda::CUDAGuard guard(acc.device());
   const int64_t numel = acc.numel();
   if (numel == 0) return;

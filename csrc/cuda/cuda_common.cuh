@@ -19,10 +19,6 @@ namespace cuda {
 constexpr int kVec = 8;
 constexpr int kThreads = 256;
 
-inline void check_cuda(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_cuda(), "mini_unlearn: expected ", name, " to be a CUDA tensor, got ", t.device());
-}
-
 inline bool is_aligned(const void* p, int64_t bytes) {
   return reinterpret_cast<uintptr_t>(p) % static_cast<uintptr_t>(bytes) == 0;
 }

@@ -43,16 +43,7 @@ __global__ void dequant_axpy_kernel(const scalar_t* __restrict__ y, const uint8_
 
 at::Tensor dequant_axpy_cuda(const at::Tensor& y, const at::Tensor& codes, const at::Tensor& scales,
                              const at::Tensor& coeff, int64_t bits, int64_t block) {
-  check_float_input(y, "y");
-  TORCH_CHECK(y.dim() == 1, "mini_unlearn: y must be 1-D, got shape ", y.sizes());
-  const int64_t k = check_codes(codes, scales, bits, block, y.numel(), /*rows=*/true);
-  TORCH_CHECK(coeff.scalar_type() == at::kFloat && coeff.dim() == 1 && coeff.numel() == k &&
-                  coeff.is_contiguous(),
-              "mini_unlearn: coeff must be a contiguous float32 vector of length k=", k, ", got ",
-              coeff.scalar_type(), " ", coeff.sizes());
-  check_same_device(codes, y, "codes", "y");
-  check_same_device(coeff, y, "coeff", "y");
-  cuda::check_cuda(y, "y");
+  const int64_t k = check_axpy(y, codes, scales, coeff, bits, block, at::kCUDA);
   const c10::cuda::CUDAGuard guard(y.device());
   at::Tensor out = at::empty_like(y);
   const int64_t d = y.numel();

@@ -104,11 +104,7 @@ __global__ void dot_finish_kernel(const float* __restrict__ partial, int64_t nch
 
 at::Tensor dequant_dot_cuda(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& v,
                             int64_t bits, int64_t block) {
-  check_float_input(v, "v");
-  TORCH_CHECK(v.dim() == 1, "mini_unlearn: v must be 1-D, got shape ", v.sizes());
-  const int64_t k = check_codes(codes, scales, bits, block, v.numel(), /*rows=*/true);
-  check_same_device(codes, v, "codes", "v");
-  cuda::check_cuda(v, "v");
+  const int64_t k = check_dot(codes, scales, v, bits, block, at::kCUDA);
   const c10::cuda::CUDAGuard guard(v.device());
   const int64_t d = v.numel();
   if (k == 0 || d == 0) return at::zeros({k}, v.options().dtype(at::kFloat));

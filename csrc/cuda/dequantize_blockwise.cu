@@ -36,10 +36,7 @@ __global__ void dequantize_kernel(const uint8_t* __restrict__ codes, const float
 
 at::Tensor dequantize_blockwise_cuda(const at::Tensor& codes, const at::Tensor& scales, int64_t bits,
                                      int64_t block, int64_t numel, at::ScalarType dtype) {
-  check_codes(codes, scales, bits, block, numel, /*rows=*/false);
-  cuda::check_cuda(codes, "codes");
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
-              "mini_unlearn: dtype must be float32, bfloat16 or float16, got ", dtype);
+  check_dequantize(codes, scales, bits, block, numel, dtype, at::kCUDA);
   const c10::cuda::CUDAGuard guard(codes.device());
   at::Tensor out = at::empty({numel}, scales.options().dtype(dtype));
   if (numel == 0) return out;

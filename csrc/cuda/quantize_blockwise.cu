@@ -89,11 +89,7 @@ __global__ void quantize_kernel(const scalar_t* __restrict__ x, int64_t numel, i
 std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cuda(const at::Tensor& x, int64_t bits,
                                                            int64_t block, bool stochastic,
                                                            int64_t seed) {
-  check_bits_block(bits, block);
-  check_float_input(x, "x");
-  TORCH_CHECK(x.dim() == 1, "mini_unlearn: quantize_blockwise takes a 1-D tensor, got shape ",
-              x.sizes(), " (flatten it first)");
-  cuda::check_cuda(x, "x");
+  check_quantize(x, bits, block, at::kCUDA);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t numel = x.numel();
   at::Tensor codes = at::empty({code_bytes(numel, bits)}, x.options().dtype(code_dtype(bits)));
