@@ -82,6 +82,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise _BadArguments(f"the benchmarks live in the source checkout (benchmarks/): {exc}") from None
     argv = ["--json", args.json] + (["--quick"] if args.quick else []) + (["--plot", args.plot] if args.plot else [])
+    if args.what == "kernels":
+        argv += ["--device", args.device]
+    elif args.device != "cpu":
+        raise _BadArguments("bench unlearn runs on the CPU; --device applies to bench kernels")
     return int(mod.main(argv) or 0)
 
 
@@ -131,6 +135,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="kernel or end-to-end unlearning benchmarks (JSON + PNG)")
     p.add_argument("what", choices=["kernels", "unlearn"])
     p.add_argument("--quick", action="store_true", help="a shorter run")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="kernels: where to run")
     p.add_argument("--json", required=True)
     p.add_argument("--plot")
     p.set_defaults(func=_cmd_bench)
