@@ -110,6 +110,18 @@ def retrain(model, log, forget, loss_fn, *, mode, retain, r, max_passes, tol, ba
                 final_loss=float(stats["final_loss"]))
 
 
+def _sgd_settings(name, log, retain, recipe, epochs, lr, weight_decay):
+    """Shared defaults of finetune and NegGrad+: (retained count, epochs, lr, λ), checked."""
+    U.require(retain, "retain", name, "the retained data, (X, y) tensors, a Dataset or a DataLoader")
+    n_ret = U.check_data(retain, "retain", name)
+    epochs = U.recipe_epochs_default(recipe, FINETUNE_EPOCH_FRACTION, FINETUNE_MIN_EPOCHS) \
+        if epochs is None else int(epochs)
+    lr = U.recipe_final_lr(recipe, FALLBACK_LR) if lr is None else float(lr)
+    lam = float(log.meta["weight_decay"]) if weight_decay is None else float(weight_decay)
+    _check_hparams(name, epochs, lr, lam)
+    return n_ret, epochs, lr, lam
+
+
 def finetune(model, log, forget, loss_fn, *, mode, retain, r, max_passes, tol, batch_size, device,
              progress, recipe=None, epochs=None, lr=None, weight_decay=None, train_batch_size=None,
              seed: int = 0) -> dict:
@@ -121,13 +133,7 @@ def finetune(model, log, forget, loss_fn, *, mode, retain, r, max_passes, tol, b
     else 64), ``recipe``, ``seed`` (batch order). ``retain=`` is required.
     """
     name = "finetune"
-    U.require(retain, "retain", name, "the retained data, (X, y) tensors, a Dataset or a DataLoader")
-    n_ret = U.check_data(retain, "retain", name)
-    epochs = U.recipe_epochs_default(recipe, FINETUNE_EPOCH_FRACTION, FINETUNE_MIN_EPOCHS) \
-        if epochs is None else int(epochs)
-    lr = U.recipe_final_lr(recipe, FALLBACK_LR) if lr is None else float(lr)
-    lam = float(log.meta["weight_decay"]) if weight_decay is None else float(weight_decay)
-    _check_hparams(name, epochs, lr, lam)
+    n_ret, epochs, lr, lam = _sgd_settings(name, log, retain, recipe, epochs, lr, weight_decay)
     bs = U.train_batch_size(train_batch_size, recipe)
     loader = U.Shuffled(retain, bs, device, torch.Generator().manual_seed(int(seed)))
     opt = torch.optim.SGD(U.params(model), lr=lr, momentum=0.0, weight_decay=lam)
@@ -164,16 +170,10 @@ def neggrad(model, log, forget, loss_fn, *, mode, retain, r, max_passes, tol, ba
     ``finetune``. ``retain=`` is required.
     """
     name = "neggrad"
-    U.require(retain, "retain", name, "the retained data, (X, y) tensors, a Dataset or a DataLoader")
-    n_ret = U.check_data(retain, "retain", name)
-    epochs = U.recipe_epochs_default(recipe, FINETUNE_EPOCH_FRACTION, FINETUNE_MIN_EPOCHS) \
-        if epochs is None else int(epochs)
-    lr = U.recipe_final_lr(recipe, FALLBACK_LR) if lr is None else float(lr)
-    lam = float(log.meta["weight_decay"]) if weight_decay is None else float(weight_decay)
+    n_ret, epochs, lr, lam = _sgd_settings(name, log, retain, recipe, epochs, lr, weight_decay)
     beta = float(beta)
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"method='neggrad': beta must be in [0, 1], got {beta}")
-    _check_hparams(name, epochs, lr, lam)
     bs = U.train_batch_size(train_batch_size, recipe)
     gen = torch.Generator().manual_seed(int(seed))
     r_loader = U.Shuffled(retain, bs, device, gen)
