@@ -209,3 +209,21 @@ def test_nonfinite_gradient_is_reported(digits):
 
     with pytest.raises(mu.NonFiniteError):
         mu.unlearn(digits.model, digits.log, indices=[1, 2], loss_fn=nan_loss, mode="oneshot")
+
+
+def test_oneshot_pcg_solve_matches_the_eigenbasis_solve(mnist):
+    from mini_unlearn.curvature import Layout
+    from mini_unlearn.methods.mini import forget_pass, kron_pcg, preconditioner
+
+    log, model = mnist.log, copy.deepcopy(mnist.model)
+    layout = Layout(log.param_names, log.shapes)
+    f, _ = mnist.split(0.3)
+    n, r, lam = log.meta["n_train"], len(f), log.meta["weight_decay"]
+    w_a = log.get("anchor/w")
+    fs = forget_pass(model, layout, log, w_a, (mnist.ds.X_train[f], mnist.ds.y_train[f]), loss_fn,
+                     curvature=True, batch_size=512, device=None)
+    g0 = (n * log.get("anchor/g") - fs.grad) / (n - r) + lam * w_a
+    by_cg = kron_pcg(log, layout, fs, n, r, lam, g0, None)
+    by_eig = preconditioner(log, layout, fs, n, r, lam, None).solve(g0)
+    assert by_cg is not None
+    assert float((by_cg - by_eig).norm() / by_eig.norm()) < 1e-3

@@ -65,6 +65,75 @@ def preconditioner(log, layout: Layout, fsums: PassSums, n: int, r: int, lam: fl
     return Preconditioner(parts, lam, layout.numel)
 
 
+def kron_pcg(log, layout: Layout, fs: PassSums, n: int, r: int, lam: float, b: torch.Tensor, device,
+             tol: float = 1e-6, max_iter: int = 200) -> torch.Tensor | None:
+    """P⁻¹ b by conjugate gradients, without eigendecomposing the retained factors.
+
+    P's products cost a few skinny matmuls (G_R M A_R with G_R, A_R = (n·full − forget)/(n − r)
+    applied factor by factor, full = U diag(s) Uᵀ from the log), and the full-data K-FAC inverse
+    (already in its eigenbasis in the log) preconditions them, so a handful of iterations reach
+    ``tol`` where an eigendecomposition of every factor would dominate the one-shot's time.
+    Returns None (use the eigenbasis path) for dense curvature or if P is not positive definite."""
+    if log.meta["curvature"] == "exact":
+        return None
+    k = 1.0 / (n - r)
+    blocks = []
+    for blk in _blocks(log):
+        f = {s: (log.get(f"kfac/{blk.module}/U_{s}").to(device), log.get(f"kfac/{blk.module}/s_{s}").to(device))
+             for s in ("A", "G")}
+        blocks.append((blk, f, fs.A[blk.module], fs.G[blk.module]))
+    diag = log.meta.get("diag_params", [])
+    if diag:
+        idx = torch.cat([torch.arange(layout.slice(p).start, layout.slice(p).stop) for p in diag]).to(device)
+        nu_full = log.get("diag/nu").to(device)
+        nu_R = ((n * nu_full - fs.diag) * k).clamp_min(0)
+
+    def side(U, s_, forget, M, left):  # (n U diag(s) Uᵀ − forget) / (n − r) applied to M
+        return k * (n * (U @ (s_[:, None] * (U.T @ M))) - forget @ M) if left else \
+            k * (n * (((M @ U) * s_) @ U.T) - M @ forget)
+
+    def apply_P(v):
+        out = lam * v
+        for blk, f, Af, Gf in blocks:
+            M = blk.matrix(layout, v)
+            GM = side(*f["G"], Gf, M, left=True)
+            blk.scatter(layout, out, side(*f["A"], Af, GM, left=False) + lam * M)
+        if diag:
+            out[idx] = (nu_R + lam) * v[idx]
+        return out
+
+    def apply_Minv(v):
+        out = v / lam
+        for blk, f, _, _ in blocks:
+            (UA, sA), (UG, sG) = f["A"], f["G"]
+            M = UG.T @ blk.matrix(layout, v) @ UA
+            blk.scatter(layout, out, UG @ (M / (sG[:, None] * sA[None, :] + lam)) @ UA.T)
+        if diag:
+            out[idx] = v[idx] / (nu_full + lam)
+        return out
+
+    x = torch.zeros_like(b)
+    res = b.clone()
+    z = apply_Minv(res)
+    p = z.clone()
+    rz = float(res @ z)
+    target = tol * float(b.norm())
+    for _ in range(max_iter):
+        Ap = apply_P(p)
+        pAp = float(p @ Ap)
+        if not pAp > 0:
+            return None
+        alpha = rz / pAp
+        x += alpha * p
+        res -= alpha * Ap
+        if float(res.norm()) <= target:
+            return x
+        z = apply_Minv(res)
+        rz, rz_old = float(res @ z), rz
+        p = z + (rz / rz_old) * p
+    return x
+
+
 def run(model, log, forget, loss_fn, *, mode: str, retain, r: int, max_passes: int, tol: float,
         batch_size: int, device, progress: bool) -> dict:
     """Mini-Unlearning on ``model`` (a private copy, modified in place). Returns the result
@@ -93,10 +162,13 @@ def run(model, log, forget, loss_fn, *, mode: str, retain, r: int, max_passes: i
     fs = forget_pass(model, layout, log, w_a, forget, loss_fn, curvature=True, batch_size=batch_size,
                      device=device)
     g0 = (n * g_a - fs.grad) / (n - r) + lam * w_a
-    P = preconditioner(log, layout, fs, n, r, lam, device)
     if mode == "oneshot":
-        layout.set(model, w_a - P.solve(g0))
+        step = kron_pcg(log, layout, fs, n, r, lam, g0, device)
+        if step is None:  # dense curvature, or the retained factors lost definiteness
+            step = preconditioner(log, layout, fs, n, r, lam, device).solve(g0)
+        layout.set(model, w_a - step)
         return dict(mode="oneshot", passes=1, grad_evals=r, certificate=None, verified=False)
+    P = preconditioner(log, layout, fs, n, r, lam, device)
     if mode != "refresh":
         raise ValueError(f"unknown mode {mode!r}; choose auto, oneshot, trajectory or refresh")
     if retain is None:
