@@ -30,11 +30,11 @@ class _Segment:
         self.steps = 0
         self.lr_runs: list[list[float]] = []  # [lr, steps] run-length encoded
 
-    def add(self, params: list[torch.Tensor], lr: float) -> None:
-        grads = [p.grad.float() if p.grad.dtype != torch.float32 else p.grad for p in params]
-        torch._foreach_add_(self.gsum, grads)
-        torch._foreach_add_(self.wsum, [p.detach().float() if p.dtype != torch.float32 else p.detach()
-                                        for p in params])
+    def add(self, params: list[torch.Tensor], weights: list[torch.Tensor], lr: float) -> None:
+        grads = [p.grad for p in params]
+        if grads[0].dtype != torch.float32:
+            grads, weights = [g.float() for g in grads], [w.float() for w in weights]
+        torch._foreach_add_(self.gsum + self.wsum, grads + weights)  # one fused launch
         self.steps += 1
         if self.lr_runs and self.lr_runs[-1][0] == lr:
             self.lr_runs[-1][1] += 1
@@ -108,6 +108,7 @@ class Recorder:
         self.fisher, self.history, self.block = fisher, history, block
         self.grad_includes_wd = grad_includes_weight_decay
         self._params = self.layout.params(model)
+        self._weights = [p.detach() for p in self._params]  # views: optimizers update in place
         self._seg_len = max(1, math.ceil(total_steps / self.K)) if (total_steps and self.K) else 1
         self._fixed_len = bool(total_steps)
         self._closed: list[_Segment] = []
@@ -131,7 +132,9 @@ class Recorder:
             return
         if self._open is None:
             self._open = _Segment(self._params)
-        self._open.add(self._params, float(lr))
+        if self._weights[0].data_ptr() != self._params[0].data_ptr():  # model moved (.to())
+            self._weights = [p.detach() for p in self._params]
+        self._open.add(self._params, self._weights, float(lr))
         if self._open.steps >= self._seg_len:
             self._closed.append(self._open)
             self._open = None
