@@ -48,7 +48,7 @@ log "nvcc: $("$CUDA_HOME/bin/nvcc" --version | tail -1)"
 # ninja from the venv (BuildExtension uses it when it is on PATH).
 export PATH="$VENV/bin:$PATH"
 
-WORK="$(mktemp -d "${TMPDIR:-/tmp}/mini_unlearn_cuda_check.XXXXXX")"
+WORK="$(mktemp -d)"  # a fresh build folder
 cleanup() { if [ "${KEEP_BUILD:-0}" = "1" ]; then log "kept $WORK"; else rm -rf "$WORK"; fi; }
 trap cleanup EXIT
 
