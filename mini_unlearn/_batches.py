@@ -8,8 +8,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from .errors import ForgetSetError
 
-Data = "tuple[torch.Tensor, torch.Tensor] | Dataset | DataLoader"
-
 
 def batches(data, batch_size: int = 512, device: torch.device | None = None
             ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

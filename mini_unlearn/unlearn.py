@@ -120,7 +120,7 @@ def unlearn(model: nn.Module, log, forget=None, *, loss_fn, method: str = "mini"
         raise ForgetSetError("nothing to forget: pass forget=(X, y) or indices=")
     r = _check_forget(forget, model, n)
     device = next(model.parameters()).device
-    w_model = torch.cat([p.detach().reshape(-1).float() for p in log_params(model, log)])
+    w_model = log.flatten(model)
     w_a = log.get("anchor/w").to(device)
     if not torch.allclose(w_model, w_a, rtol=1e-5, atol=1e-6):
         raise LogMismatchError("the model's weights differ from the log's anchor: unlearn the model "
@@ -152,8 +152,3 @@ def _accepted(fn, **kwargs) -> dict:
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return kwargs
     return {k: v for k, v in kwargs.items() if k in params}
-
-
-def log_params(model: nn.Module, log) -> list[torch.Tensor]:
-    named = dict(model.named_parameters())
-    return [named[n] for n in log.param_names]

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import acc, vec
+from conftest import vec
 from torch.utils.data import DataLoader, TensorDataset
 
 import mini_unlearn as mu

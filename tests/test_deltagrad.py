@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import acc, vec
+from conftest import vec
 
 import mini_unlearn as mu
 import mini_unlearn.methods.deltagrad  # noqa: F401  (mu.methods.deltagrad)

@@ -24,7 +24,6 @@ Per step, a forget batch B_f and a retain batch B_r:
 """
 from __future__ import annotations
 
-import math
 
 import torch
 from tqdm.auto import tqdm
