@@ -145,8 +145,8 @@ def _fmt(r: dict) -> str:
             f"passes {r['passes']:2d} rel {r['rel_to_retrain']:.3f}")
 
 
-def run(quick: bool = False) -> dict:
-    ds = load_dataset("mnist5k", seed=0, preprocess="unit")
+def run(quick: bool = False, preprocess: str = "unit") -> dict:
+    ds = load_dataset("mnist5k", seed=0, preprocess=preprocess)
     ratios = (0.1, 0.5) if quick else RATIOS
     rows = []
     for lam in (1e-2, 1e-3):
@@ -184,8 +184,10 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="ratios 10%% and 50%% only")
     p.add_argument("--json", required=True, help="write the results here")
     p.add_argument("--plot", help="write a PNG plot here")
+    p.add_argument("--preprocess", default="unit", choices=["unit", "standardize"],
+                   help="pixel preprocessing of MNIST-5k (default: [0, 1])")
     a = p.parse_args(argv)
-    result = run(a.quick)
+    result = run(a.quick, a.preprocess)
     with open(a.json, "w") as fh:
         json.dump(result, fh, indent=2)
     if a.plot:
