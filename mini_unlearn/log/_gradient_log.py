@@ -16,118 +16,25 @@ validated, by :meth:`GradientLog.load` (safetensors + JSON only, nothing is unpi
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
-import re
-import secrets
-import shutil
-import time
 from collections.abc import Iterable, Mapping
 from typing import Any, Union
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
-from .errors import LogFormatError, LogMismatchError, NonFiniteError
-from .ops import FORMATS, Compressed, compress, decompress, stack_rows
+from ..errors import LogMismatchError
+from ..ops import FORMATS, Compressed, compress, stack_rows
+from ._format import (DTYPES as _DTYPES, PathLike, check_finite as _check_finite,
+                      decompress_to as _decompress, dtype_name as _dtype_name, human as _human,
+                      layout as _layout, own as _own, shard_range, slice_compressed,
+                      cat_compressed)
 
-__all__ = ["GradientLog", "FORMAT_VERSION"]
+__all__ = ["GradientLog"]
 
-#: Version of the on-disk layout written by :meth:`GradientLog.save`.
-FORMAT_VERSION = 1
-_FORMAT_NAME = "mini_unlearn.GradientLog"
-_CURRENT = "CURRENT"
-_MANIFEST = "manifest.json"
-_VERSION_RE = re.compile(r"^v-[0-9A-Za-z_-]+$")
-_SHARD_RE = re.compile(r"^tensors-[0-9]{5}\.safetensors$")
-_SHARD_BYTES = 1 << 30  # start a new safetensors file past this many bytes
-_FIX = "re-record the log or restore it from a backup"
-
-_DTYPES: dict[str, torch.dtype] = {
-    "float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
-    "bfloat16": torch.bfloat16, "int64": torch.int64, "int32": torch.int32, "int16": torch.int16,
-    "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool,
-}
-_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
-
-PathLike = Union[str, "os.PathLike[str]"]
-
-
-def _dtype_name(dt: torch.dtype) -> str:
-    if dt not in _DTYPE_NAMES:
-        raise TypeError(f"dtype {dt} cannot be stored in a GradientLog "
-                        f"(supported: {', '.join(_DTYPES)})")
-    return _DTYPE_NAMES[dt]
-
-
-def _layout(fmt: str, numel: int, block: int) -> tuple[torch.dtype, tuple[int, ...], tuple[int, ...] | None]:
-    """dtype and shape of ``data`` and the shape of ``scales`` (None: no scales) of one vector."""
-    nb = -(-numel // block)
-    if fmt == "fp32":
-        return torch.float32, (numel,), None
-    if fmt == "bf16":
-        return torch.bfloat16, (numel,), None
-    if fmt == "int8":
-        return torch.int8, (numel,), (nb,)
-    return torch.uint8, ((numel + 1) // 2,), (nb,)
-
-
-def _check_finite(what: str, t: torch.Tensor) -> None:
-    if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
-        raise NonFiniteError(f"{what} contains NaN or Inf; refusing to store it in the log "
-                             "(check the loss / learning rate that produced it)")
-
-
-def _own(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous copy that shares no memory with anything (safetensors refuses shared storage)."""
-    return t.detach().clone(memory_format=torch.contiguous_format)
-
-
-def _fsync_path(path: str, directory: bool = False) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
-    except OSError:  # e.g. directories cannot be opened on Windows
-        if directory:
-            return
-        raise
-    try:
-        os.fsync(fd)
-    except OSError:
-        if not directory:
-            raise
-    finally:
-        os.close(fd)
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _manifest_checksum(manifest: Mapping[str, Any]) -> str:
-    body = {k: v for k, v in manifest.items() if k != "checksum"}
-    text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def _decompress(c: Compressed, dtype: torch.dtype) -> torch.Tensor:
-    if c.scales is not None and dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return decompress(c, torch.float32).to(dtype)  # the kernels write fp32/bf16/fp16 only
-    return decompress(c, dtype)
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
-        n /= 1024
-    return f"{n} B"  # pragma: no cover
+#: where an entry or row list lives in a sharded log: "flat" (every rank holds its slice of the
+#: flat vector), "replicated" (every rank holds all of it) or an int (that rank owns it whole)
+Placement = Union[str, int]
 
 
 class _Rows:
@@ -177,7 +84,7 @@ class GradientLog:
         self.fmt = fmt
         self.block = block
         self.all_trainable = bool(all_trainable)
-        from . import __version__
+        from .. import __version__
         self.meta: dict[str, Any] = {"format": fmt, "block": block, "mini_unlearn_version": __version__}
         self.meta.update(dict(meta or {}))
         self._entries: dict[str, Compressed | torch.Tensor] = {}
@@ -190,6 +97,17 @@ class GradientLog:
             self._offsets[name] = slice(off, off + n)
             off += n
         self.dim: int = off  #: total number of logged parameter elements
+        # sharding (see :meth:`shard_of`): a full log is rank 0 of 1 covering [0, dim)
+        self.rank: int = 0  #: this shard's rank (0 for a full log)
+        self.world: int = 1  #: number of shards the flat vectors are split into (1: a full log)
+        self.align: int = block  #: shard boundaries are multiples of this (a quantisation block)
+        self.lo: int = 0  #: start of this shard's range of every flat vector
+        self.hi: int = off  #: end (exclusive) of this shard's range
+        self._eplace: dict[str, Placement] = {}
+        self._rplace: dict[str, Placement] = {}
+        # entries of a shard owned whole by another rank: name -> (owner, shape, dtype name or
+        # None for compressed entries, which decompress to fp32)
+        self._remote: dict[str, tuple[int, tuple[int, ...], str | None]] = {}
 
     # ---- construction ------------------------------------------------------------------------
 
@@ -305,13 +223,21 @@ class GradientLog:
         return name in self._entries
 
     def put(self, name: str, tensor: torch.Tensor | Compressed, fmt: str | None = None,
-            exact: bool = False) -> None:
+            exact: bool = False, *, placement: str | None = None, owner: int | None = None) -> None:
         """Store (or replace) entry ``name``.
 
         A tensor is compressed into ``fmt`` (default: the log's format and block) and its shape is
         kept; ``exact=True`` stores a copy of the tensor as it is (any dtype, bit-identical). An
         already :class:`Compressed` 1-D vector is stored as given (copied). Raises
         :class:`NonFiniteError` for NaN/Inf.
+
+        Placement (what a shard holds, see :meth:`shard_of`): ``placement="flat"`` splits a 1-D
+        vector of :attr:`dim` elements across the shards (the default for such vectors);
+        ``"replicated"`` keeps the entry whole on every shard (the default for anything else);
+        ``owner=r`` makes rank ``r`` its only holder (e.g. one layer's K-FAC factors). On a shard,
+        a flat entry may be given whole (``dim`` elements; the shard keeps its slice, compressing
+        only that) or as this shard's slice (``hi - lo`` elements, with ``placement="flat"``), and
+        an entry owned by another rank is not stored (only its shape is remembered).
         """
         if not isinstance(name, str) or not name:
             raise ValueError("entry names must be non-empty strings")
@@ -319,18 +245,67 @@ class GradientLog:
         if isinstance(tensor, Compressed):
             if exact or fmt is not None:
                 raise ValueError("fmt/exact apply to tensors, not to an already Compressed value")
-            c = self._own_compressed(tensor, what)
-            self._entries[name], self._shapes[name] = c, (c.numel,)
-            return
-        if not isinstance(tensor, torch.Tensor):
+        elif not isinstance(tensor, torch.Tensor):
             raise TypeError(f"{what}: expected a tensor or Compressed, got {type(tensor).__name__}")
+        shape = (tensor.numel,) if isinstance(tensor, Compressed) else tuple(tensor.shape)
+        place = self._placement_for(what, shape, placement, owner)
+        if place == "flat":
+            tensor, shape = self._local_part(what, tensor, exact), (self.dim,)
+        elif isinstance(place, int) and place != self.rank and self.world > 1:
+            dt = None if not exact or isinstance(tensor, Compressed) else _dtype_name(tensor.dtype)
+            self._entries.pop(name, None)
+            self._shapes.pop(name, None)
+            self._eplace.pop(name, None)
+            self._remote[name] = (place, shape, dt)
+            return
+        if isinstance(tensor, Compressed):
+            c = self._own_compressed(tensor, what)
+            self._store(name, c, shape, place)
+            return
         if exact:
             _check_finite(what, tensor)
             _dtype_name(tensor.dtype)
-            self._entries[name], self._shapes[name] = _own(tensor), tuple(tensor.shape)
+            self._store(name, _own(tensor), shape, place)
             return
-        c = self._compress(tensor, fmt or self.fmt, self.block, what)
-        self._entries[name], self._shapes[name] = c, tuple(tensor.shape)
+        self._store(name, self._compress(tensor, fmt or self.fmt, self.block, what), shape, place)
+
+    def _store(self, name: str, value: Compressed | torch.Tensor, shape: tuple[int, ...],
+               place: Placement) -> None:
+        self._remote.pop(name, None)
+        self._entries[name], self._shapes[name], self._eplace[name] = value, shape, place
+
+    def _placement_for(self, what: str, shape: tuple[int, ...], placement: str | None,
+                       owner: int | None) -> Placement:
+        if owner is not None:
+            if placement not in (None, "owned"):
+                raise ValueError(f"{what}: give either placement or owner, not both")
+            if not isinstance(owner, int) or owner < 0 or (self.world > 1 and owner >= self.world):
+                raise ValueError(f"{what}: owner must be a rank in [0, {self.world}), got {owner!r}")
+            return owner
+        local = (self.hi - self.lo,)
+        if placement is None:
+            return "flat" if shape == (self.dim,) and self.dim > 0 else "replicated"
+        if placement == "replicated":
+            return placement
+        if placement == "flat":
+            if shape not in ((self.dim,), local):
+                raise ValueError(f"{what}: a flat entry is a 1-D vector of {self.dim} elements "
+                                 f"(or this shard's {local[0]}), got shape {shape}")
+            return placement
+        raise ValueError(f"{what}: placement must be 'flat' or 'replicated' (or give owner=), "
+                         f"got {placement!r}")
+
+    def _local_part(self, what: str, t: torch.Tensor | Compressed, exact: bool) -> torch.Tensor | Compressed:
+        """This shard's slice of a flat vector given whole (or ``t`` if it is the slice already)."""
+        n = t.numel if isinstance(t, Compressed) else t.numel()
+        if self.world == 1 or n != self.dim or (self.lo, self.hi) == (0, self.dim):
+            return t if isinstance(t, Compressed) else t.reshape(-1)
+        if isinstance(t, Compressed):
+            if self.align % t.block:
+                raise ValueError(f"{what}: block {t.block} does not divide the shard alignment "
+                                 f"{self.align}")
+            return slice_compressed(t, self.lo, self.hi)
+        return t.reshape(-1)[self.lo:self.hi]
 
     @staticmethod
     def _compress(tensor: torch.Tensor, fmt: str, block: int, what: str) -> Compressed:
@@ -346,7 +321,7 @@ class GradientLog:
         compressed entries, the stored tensor (cast to ``dtype`` if given) for exact ones. Always
         a fresh tensor, safe to modify."""
         if name not in self._entries:
-            raise KeyError(f"no entry {name!r} in the log (entries: {', '.join(self._entries) or 'none'})")
+            self._missing(name)
         e = self._entries[name]
         if isinstance(e, Compressed):
             out = _decompress(e, dtype or torch.float32)
@@ -356,7 +331,7 @@ class GradientLog:
             src = e
         if out.data_ptr() == src.data_ptr() and out.numel():
             out = out.clone()
-        return out.reshape(self._shapes[name])
+        return out.reshape(self._local_shape(name))
 
     def raw(self, name: str) -> Compressed | torch.Tensor:
         """The stored object of entry ``name`` (a 1-D :class:`Compressed`, or the exact tensor);
@@ -364,10 +339,30 @@ class GradientLog:
         return self._entries[name]
 
     def shape_of(self, name: str) -> tuple[int, ...]:
-        """Original shape of entry ``name`` (or of each row of row list ``name``)."""
+        """Original shape of entry ``name`` (or of each row of row list ``name``); for a flat
+        entry of a shard the full ``(dim,)``, not the slice (see :meth:`local_shape`)."""
         if name in self._entries:
             return self._shapes[name]
+        if name in self._remote:
+            return self._remote[name][1]
         return self._rows[name].shape
+
+    def local_shape(self, name: str) -> tuple[int, ...]:
+        """Shape of what :meth:`get` / :meth:`row` return here: ``(hi - lo,)`` for flat entries
+        and rows of a shard, else :meth:`shape_of`."""
+        return self._local_shape(name)
+
+    def _local_shape(self, name: str) -> tuple[int, ...]:
+        flat = (self._eplace.get(name) if name in self._entries else self._rplace.get(name)) == "flat"
+        if flat and self.world > 1:
+            return (self.hi - self.lo,)
+        return self.shape_of(name)
+
+    def _missing(self, name: str) -> None:
+        if name in self._remote:
+            raise KeyError(f"entry {name!r} is owned by rank {self._remote[name][0]}, not by this "
+                           f"shard (rank {self.rank} of {self.world}); use full({name!r}) to fetch it")
+        raise KeyError(f"no entry {name!r} in the log (entries: {', '.join(self._entries) or 'none'})")
 
     def _own_compressed(self, c: Compressed, what: str) -> Compressed:
         if c.fmt not in FORMATS:
@@ -393,24 +388,44 @@ class GradientLog:
         """Names of the row lists, in creation order."""
         return list(self._rows)
 
-    def append_row(self, list_name: str, tensor: torch.Tensor | Compressed, fmt: str | None = None) -> int:
+    def append_row(self, list_name: str, tensor: torch.Tensor | Compressed, fmt: str | None = None,
+                   *, placement: str | None = None) -> int:
         """Append one row to list ``list_name`` (created on first use with ``fmt``, default the
         log's format, and the row's shape; later rows must match both). Returns the row's index.
-        Raises :class:`NonFiniteError` for NaN/Inf."""
+        Raises :class:`NonFiniteError` for NaN/Inf.
+
+        Rows of :attr:`dim` elements are flat (split across shards) by default, others replicated;
+        ``placement`` ("flat"/"replicated") chooses on the first row. On a shard a flat row may be
+        given whole (only this shard's slice is compressed and kept) or as the slice itself.
+        """
         if not isinstance(list_name, str) or not list_name:
             raise ValueError("row list names must be non-empty strings")
         rl = self._rows.get(list_name)
         k = 0 if rl is None else len(rl.items)
         what = f"row {k} of log row list {list_name!r}"
+        if not isinstance(tensor, (torch.Tensor, Compressed)):
+            raise TypeError(f"{what}: expected a tensor or Compressed, got {type(tensor).__name__}")
+        given = (tensor.numel,) if isinstance(tensor, Compressed) else tuple(tensor.shape)
+        if rl is None:
+            place = self._placement_for(what, given, placement, None)
+        else:
+            place = self._rplace[list_name]
+            if placement is not None and placement != place:
+                raise ValueError(f"{what}: row list is {place}, not {placement}")
+            if place == "flat" and given not in ((self.dim,), (self.hi - self.lo,)):
+                raise ValueError(f"{what}: shape {given} differs from the list's {rl.shape}")
+        if place == "flat":
+            tensor = self._local_part(what, tensor, False)
         if isinstance(tensor, Compressed):
             c = self._own_compressed(tensor, what)
-            shape = (c.numel,) if rl is None else rl.shape
+            shape = (self.dim,) if place == "flat" else ((c.numel,) if rl is None else rl.shape)
         else:
             use = fmt or (rl.fmt if rl is not None else self.fmt)
-            shape = tuple(tensor.shape)
+            shape = (self.dim,) if place == "flat" else tuple(tensor.shape)
             c = self._compress(tensor, use, self.block if rl is None else rl.block, what)
         if rl is None:
             rl = self._rows[list_name] = _Rows(c.fmt, c.numel, c.block, shape)
+            self._rplace[list_name] = place
         elif (c.fmt, c.numel, c.block) != (rl.fmt, rl.numel, rl.block) or (
                 not isinstance(tensor, Compressed) and shape != rl.shape):
             raise ValueError(f"{what}: format {c.fmt}/shape {shape} differs from the list's "
@@ -440,7 +455,7 @@ class GradientLog:
         out = _decompress(c, dtype)
         if out.data_ptr() == c.data.data_ptr() and out.numel():
             out = out.clone()
-        return out.reshape(rl.shape)
+        return out.reshape(self._local_shape(list_name))
 
     # ---- device ------------------------------------------------------------------------------
 
@@ -522,55 +537,198 @@ class GradientLog:
                      f"{self.compression_ratio():.2f}x")
         return "\n".join(lines)
 
-    # ---- saving ------------------------------------------------------------------------------
+    # ---- sharding ----------------------------------------------------------------------------
 
-    def _manifest_body(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        tensors: dict[str, torch.Tensor] = {}
-        entries: dict[str, Any] = {}
+    @property
+    def is_shard(self) -> bool:
+        """True for one rank's shard of a log split over ``world > 1`` ranks."""
+        return self.world > 1
+
+    def placement_of(self, name: str) -> Placement:
+        """Where entry or row list ``name`` lives: ``"flat"``, ``"replicated"`` or its owner rank."""
+        if name in self._entries:
+            return self._eplace[name]
+        if name in self._remote:
+            return self._remote[name][0]
+        if name in self._rows:
+            return self._rplace[name]
+        raise KeyError(f"no entry or row list {name!r} in the log")
+
+    def shard_range(self, rank: int | None = None, world: int | None = None) -> tuple[int, int]:
+        """``[lo, hi)`` of the flat vectors held by ``rank`` of ``world`` (default: this shard's
+        rank and world), balanced and aligned to :attr:`align`."""
+        world = self.world if world is None else world
+        rank = self.rank if rank is None else rank
+        return shard_range(self.dim, rank, world, self.align)
+
+    def default_align(self) -> int:
+        """Smallest shard alignment that splits every stored flat vector without re-quantising:
+        the largest quantisation block among the log's block and its flat compressed items."""
+        a = self.block
         for n, e in self._entries.items():
-            if isinstance(e, Compressed):
-                dt, _, sshape = _layout(e.fmt, e.numel, e.block)
-                entries[n] = {"kind": "compressed", "fmt": e.fmt, "numel": e.numel, "block": e.block,
-                              "shape": list(self._shapes[n]), "data_dtype": _dtype_name(dt),
-                              "scales_dtype": None if sshape is None else "float32"}
-                tensors[f"entry/{n}/data"] = e.data
-                if e.scales is not None:
-                    tensors[f"entry/{n}/scales"] = e.scales
-            else:
-                entries[n] = {"kind": "exact", "dtype": _dtype_name(e.dtype), "numel": e.numel(),
-                              "shape": list(e.shape)}
-                tensors[f"entry/{n}/data"] = e
-        rows: dict[str, Any] = {}
+            if self._eplace[n] == "flat" and isinstance(e, Compressed):
+                a = max(a, e.block)
         for n, rl in self._rows.items():
-            dt, _, sshape = _layout(rl.fmt, rl.numel, rl.block)
-            rows[n] = {"fmt": rl.fmt, "numel": rl.numel, "block": rl.block, "shape": list(rl.shape),
-                       "count": len(rl.items), "data_dtype": _dtype_name(dt),
-                       "scales_dtype": None if sshape is None else "float32"}
-            for i, c in enumerate(rl.items):
-                tensors[f"rows/{n}/{i}/data"] = c.data
-                if c.scales is not None:
-                    tensors[f"rows/{n}/{i}/scales"] = c.scales
-        meta = dict(self.meta)
-        meta.update(format=self.fmt, block=self.block)
-        for k, v in meta.items():
-            try:
-                json.dumps(v, allow_nan=False)
-            except (TypeError, ValueError) as exc:
-                raise TypeError(f"log.meta[{k!r}] = {v!r} is not JSON-able ({exc}); store plain "
-                                "numbers, strings, lists or dicts") from None
-        from . import __version__
-        body = {
-            "format": _FORMAT_NAME, "format_version": FORMAT_VERSION,
-            "written_by": f"mini_unlearn {__version__}",
-            "fmt": self.fmt, "block": self.block,
-            "params": {"names": self.param_names, "shapes": [list(s) for s in self.shapes],
-                       "dtypes": [_dtype_name(d) for d in self.dtypes],
-                       "all_trainable": self.all_trainable},
-            "entries": entries, "rows": rows, "meta": meta,
-        }
-        return body, tensors
+            if self._rplace[n] == "flat":
+                a = max(a, rl.block)
+        return a
 
-    def save(self, path: PathLike) -> None:
+    def _empty_like(self) -> "GradientLog":
+        log = type(self)(self.param_names, self.shapes, self.dtypes, fmt=self.fmt, block=self.block,
+                         all_trainable=self.all_trainable)
+        log.meta = dict(self.meta)
+        return log
+
+    def _set_shard(self, rank: int, world: int, align: int) -> None:
+        if not isinstance(align, int) or align < 1 or align % self.block:
+            raise ValueError(f"align must be a positive multiple of the block {self.block}, got {align!r}")
+        self.rank, self.world, self.align = rank, world, align
+        self.lo, self.hi = shard_range(self.dim, rank, world, align)
+
+    def shard_of(self, rank: int, world: int, align: int | None = None) -> "GradientLog":
+        """Rank ``rank``'s shard of this (full) log split ``world`` ways, as a new log.
+
+        Flat entries and rows keep elements ``[lo, hi)`` (:meth:`shard_range`; boundaries are
+        multiples of ``align``, default :meth:`default_align`, so compressed vectors split without
+        re-quantising: the shard holds exactly the bytes of the full log's slice); replicated
+        entries and row lists are shared with this log (not copied); an entry owned by rank ``r``
+        goes to rank ``r % world`` only. ``shard_of(0, 1)`` is a full copy. Under DDP, a Recorder
+        may also start from an empty ``for_model(...).shard_of(rank, world)`` and give it whole
+        flat vectors: each rank keeps (and compresses) only its slice.
+        """
+        if self.is_shard:
+            raise ValueError("shard_of needs a full log; reassemble shards with GradientLog.from_shards "
+                             "or gather()")
+        if not isinstance(world, int) or world < 1 or not isinstance(rank, int) or not 0 <= rank < world:
+            raise ValueError(f"rank {rank!r} is not in [0, {world!r})")
+        out = self._empty_like()
+        out._set_shard(rank, world, self.default_align() if align is None else align)
+        lo, hi = out.lo, out.hi
+        for n, e in self._entries.items():
+            p = self._eplace[n]
+            if p == "flat":
+                part = slice_compressed(e, lo, hi) if isinstance(e, Compressed) else _own(e[lo:hi])
+                out._store(n, part, self._shapes[n], p)
+            elif p == "replicated":
+                out._store(n, e, self._shapes[n], p)
+            else:
+                o = p % world
+                if o == rank:
+                    out._store(n, e, self._shapes[n], o)
+                else:
+                    dt = None if isinstance(e, Compressed) else _dtype_name(e.dtype)
+                    out._remote[n] = (o, self._shapes[n], dt)
+        for n, rl in self._rows.items():
+            if self._rplace[n] == "flat":
+                new = _Rows(rl.fmt, hi - lo, rl.block, rl.shape)
+                new.items = [slice_compressed(c, lo, hi) for c in rl.items]
+            else:
+                new = _Rows(rl.fmt, rl.numel, rl.block, rl.shape)
+                new.items = list(rl.items)
+            out._rows[n], out._rplace[n] = new, self._rplace[n]
+        return out
+
+    @classmethod
+    def from_shards(cls, shards: "Iterable[GradientLog]") -> "GradientLog":
+        """Reassemble the full log from all ``world`` shards of one log (in one process): flat
+        vectors are concatenated, replicated items come from rank 0, owned ones from their owner.
+        The inverse of :meth:`shard_of`."""
+        parts = sorted(shards, key=lambda s: s.rank)
+        if not parts:
+            raise ValueError("from_shards needs at least one shard")
+        world = parts[0].world
+        if [s.rank for s in parts] != list(range(world)) or any(s.world != world for s in parts):
+            raise ValueError(f"from_shards needs ranks 0..{world - 1} of one {world}-way log, got "
+                             f"{[(s.rank, s.world) for s in parts]}")
+        first = parts[0]
+        if any((s.param_names, s.shapes, s.align) != (first.param_names, first.shapes, first.align)
+               for s in parts):
+            raise ValueError("shards describe different parameters or alignments")
+        if world == 1:
+            return first.shard_of(0, 1)
+        out = first._empty_like()
+        names = list(first._entries) + [n for s in parts for n in s._entries if n not in first._entries]
+        for n in dict.fromkeys(names):
+            p = first.placement_of(n) if n in first._entries or n in first._remote else parts[-1].placement_of(n)
+            if p == "flat":
+                pieces = [s._entries[n] for s in parts]
+                if isinstance(pieces[0], Compressed):
+                    value = cat_compressed([c for c in pieces if c.numel] or pieces[:1])
+                else:
+                    value = torch.cat(pieces)
+                out._store(n, value, first._shapes[n], p)
+            elif p == "replicated":
+                out._store(n, first._entries[n], first._shapes[n], p)
+            else:
+                holder = parts[p]
+                if n not in holder._entries:
+                    raise ValueError(f"entry {n!r} is owned by rank {p}, whose shard lacks it")
+                out._store(n, holder._entries[n], holder._shapes[n], p)
+        for n, rl in first._rows.items():
+            new = _Rows(rl.fmt, rl.numel, rl.block, rl.shape)
+            if first._rplace[n] == "flat":
+                counts = {len(s._rows[n].items) for s in parts}
+                if len(counts) != 1:
+                    raise ValueError(f"row list {n!r} has different row counts on the shards: {sorted(counts)}")
+                new.numel = first.dim
+                for i in range(len(rl.items)):
+                    pieces = [s._rows[n].items[i] for s in parts]
+                    new.items.append(cat_compressed([c for c in pieces if c.numel] or pieces[:1]))
+            else:
+                new.items = list(rl.items)
+            out._rows[n], out._rplace[n] = new, first._rplace[n]
+        return out
+
+    def full(self, name: str, dtype: torch.dtype | None = None, *, group: Any = None) -> torch.Tensor:
+        """Entry ``name`` whole, with its original shape, as :meth:`get` gives it on a full log.
+
+        On a shard this is a collective over the process group ``group`` (every rank must call
+        it, in the same order): flat entries are all-gathered, an owned entry is broadcast by its
+        owner; replicated entries need no communication. On a full log it is :meth:`get`.
+        """
+        if not self.is_shard:
+            return self.get(name, dtype)
+        from . import _dist
+        p = self.placement_of(name)
+        if p == "flat":
+            return _dist.gather_flat(self.get(name, dtype), self, group).reshape(self.shape_of(name))
+        if p == "replicated":
+            return self.get(name, dtype)
+        if name in self._entries:
+            local = self.get(name, dtype)
+            return _dist.broadcast_tensor(local, p, tuple(local.shape), local.dtype, group)
+        _, shape, dt = self._remote[name]
+        out_dtype = dtype or (torch.float32 if dt is None else _DTYPES[dt])
+        return _dist.broadcast_tensor(None, p, shape, out_dtype, group)
+
+    def full_row(self, list_name: str, i: int, dtype: torch.dtype = torch.float32, *,
+                 group: Any = None) -> torch.Tensor:
+        """Row ``i`` of ``list_name`` whole (decompressed to ``dtype``, original shape). On a shard
+        a flat row is all-gathered over ``group`` (a collective: every rank calls it); on a full
+        log, or for a replicated list, it is :meth:`row`."""
+        local = self.row(list_name, i, dtype)
+        if not self.is_shard or self._rplace[list_name] != "flat":
+            return local
+        from . import _dist
+        return _dist.gather_flat(local, self, group).reshape(self._rows[list_name].shape)
+
+    def gather(self, *, group: Any = None) -> "GradientLog":
+        """The full log on every rank (a collective over ``group``): each rank's shard is sent to
+        all (stored bytes, no re-quantising) and reassembled with :meth:`from_shards`. Memory:
+        the whole log on every rank. A full log returns itself."""
+        if not self.is_shard:
+            return self
+        from . import _dist
+        return type(self).from_shards(_dist.all_gather_logs(self, group))
+
+    def reshard(self, rank: int, world: int, *, group: Any = None) -> "GradientLog":
+        """This log split ``world`` ways, rank ``rank``'s part. A full log is sliced locally
+        (:meth:`shard_of`); a shard first gathers the full log over ``group`` (a collective)."""
+        return self.gather(group=group).shard_of(rank, world, self.align if self.is_shard else None)
+
+    # ---- saving and loading ------------------------------------------------------------------
+
+    def save(self, path: PathLike, *, group: Any = None, timeout: float = 300.0) -> None:
         """Write the log to directory ``path``, atomically and crash-safely.
 
         Layout::
@@ -588,262 +746,36 @@ class GradientLog:
         first save into a new ``path`` leaves no loadable log (there was none before). One writer
         at a time per ``path``; readers may run concurrently. ``path`` must be absent, an existing
         log directory, or an empty directory.
+
+        A shard (:attr:`is_shard`) is saved collectively: every rank of the process group
+        ``group`` (default: the world group; it must have :attr:`world` ranks) calls ``save``
+        with the same ``path`` on a file system all ranks share. Each rank writes and fsyncs its
+        own ``rank-RRRRR-NNNNN.safetensors`` files into the new version directory; after a barrier
+        (``timeout`` seconds) rank 0 writes the manifest (format version 2, naming the N shards)
+        and swaps ``CURRENT``. If any rank fails or dies, every surviving rank raises and the
+        previous log stays current. A full log is saved by the calling process alone (format
+        version 1, as before): under DDP, call it on one rank only.
         """
-        path = os.fspath(path)
-        body, tensors = self._manifest_body()
-        if os.path.lexists(path) and not os.path.isdir(path):
-            raise FileExistsError(f"{path} exists and is not a log directory; choose another path")
-        if os.path.isdir(path) and not os.path.exists(os.path.join(path, _CURRENT)):
-            foreign = [f for f in os.listdir(path)
-                       if not (_VERSION_RE.match(f) or f.startswith(_CURRENT + ".tmp-"))]
-            if foreign:
-                raise FileExistsError(f"{path} is a non-empty directory that is not a GradientLog "
-                                      f"(it holds {foreign[0]!r}); refusing to overwrite it")
-        if not os.path.isdir(path):
-            os.makedirs(path)
-            _fsync_path(os.path.dirname(os.path.abspath(path)), directory=True)
-
-        vname = f"v-{time.time_ns():x}-{secrets.token_hex(4)}"
-        vdir = os.path.join(path, vname)
-        os.mkdir(vdir)
-        # tensor files, sharded by size
-        shards: list[dict[str, torch.Tensor]] = [{}]
-        size = 0
-        for k, t in tensors.items():
-            b = t.numel() * t.element_size()
-            if shards[-1] and size + b > _SHARD_BYTES:
-                shards.append({})
-                size = 0
-            shards[-1][k] = t.detach().cpu().contiguous()
-            size += b
-        files = []
-        for i, shard in enumerate(shards):
-            if not shard and i > 0:
-                continue
-            fname = f"tensors-{i:05d}.safetensors"
-            fpath = os.path.join(vdir, fname)
-            save_file(shard, fpath)
-            _fsync_path(fpath)
-            files.append({"name": fname, "bytes": os.path.getsize(fpath), "sha256": _sha256(fpath),
-                          "tensors": len(shard)})
-        body["files"] = files
-        body["checksum"] = _manifest_checksum(body)
-        mpath = os.path.join(vdir, _MANIFEST)
-        with open(mpath, "w", encoding="utf-8") as f:
-            json.dump(body, f, indent=1, allow_nan=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_path(vdir, directory=True)
-        _fsync_path(path, directory=True)
-        # swap the pointer
-        tmp = os.path.join(path, f"{_CURRENT}.tmp-{secrets.token_hex(4)}")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(vname + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(path, _CURRENT))
-        _fsync_path(path, directory=True)
-        # clean up older versions and leftovers of interrupted saves
-        for f in os.listdir(path):
-            p = os.path.join(path, f)
-            if f != vname and _VERSION_RE.match(f) and os.path.isdir(p):
-                shutil.rmtree(p, ignore_errors=True)
-            elif f.startswith(_CURRENT + ".tmp-"):
-                try:
-                    os.remove(p)
-                except OSError:
-                    pass
-
-    # ---- loading -----------------------------------------------------------------------------
+        from ._io import save_log
+        save_log(self, path, group=group, timeout=timeout)
 
     @classmethod
-    def load(cls, path: PathLike, model: torch.nn.Module | None = None) -> "GradientLog":
+    def load(cls, path: PathLike, model: torch.nn.Module | None = None, *, rank: int | None = None,
+             world: int | None = None) -> "GradientLog":
         """Read a log written by :meth:`save`, validating everything; never unpickles.
 
         ``path`` is the log directory (or one of its ``v-<id>`` version directories). Checks the
         manifest (JSON, required keys, format version, its own checksum), that every tensor file
-        is present with the recorded byte size and sha256, and every tensor's dtype and shape.
-        Raises :class:`FileNotFoundError` if ``path`` does not exist, :class:`LogFormatError` for
-        anything truncated, corrupted, missing, of another version or not a log, and (when
-        ``model`` is given) :class:`LogMismatchError` via :meth:`check_model`.
+        read is present with the recorded byte size and sha256, and every tensor's dtype and
+        shape. Raises :class:`FileNotFoundError` if ``path`` does not exist,
+        :class:`LogFormatError` for anything truncated, corrupted, missing, of another version or
+        not a log, and (when ``model`` is given) :class:`LogMismatchError` via :meth:`check_model`.
+
+        Without ``rank``/``world`` the result is the full log (an N-shard log is reassembled),
+        except inside an initialised process group of more than one rank, where it is this
+        rank's shard of a ``get_world_size()``-way split. ``rank=k, world=M`` gives rank ``k``'s
+        shard of an M-way split (M may differ from the number of shards saved; only the files
+        overlapping the shard are read); ``rank=0, world=1`` forces the full log.
         """
-        path = os.fspath(path)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{path}: no such log (no file or directory)")
-        if not os.path.isdir(path):
-            raise LogFormatError(f"{path}: not a GradientLog (a log is a directory written by "
-                                 "GradientLog.save)")
-        cur = os.path.join(path, _CURRENT)
-        if not os.path.exists(cur):
-            if os.path.exists(os.path.join(path, _MANIFEST)):
-                log = cls._load_version(path)
-            elif any(_VERSION_RE.match(f) for f in os.listdir(path)):
-                raise LogFormatError(f"{path}: holds no complete log (its first save was interrupted, "
-                                     f"{_CURRENT} is missing); {_FIX}")
-            else:
-                raise LogFormatError(f"{path}: not a GradientLog (no {_CURRENT} or {_MANIFEST} in it)")
-        else:
-            for attempt in range(3):  # a concurrent save may swap CURRENT and remove our version
-                vname = cls._read_current(cur)
-                try:
-                    log = cls._load_version(os.path.join(path, vname))
-                    break
-                except LogFormatError:
-                    if attempt == 2 or cls._read_current(cur) == vname:
-                        raise
-        if model is not None:
-            log.check_model(model)
-        return log
-
-    @staticmethod
-    def _read_current(cur: str) -> str:
-        try:
-            with open(cur, "rb") as f:
-                raw = f.read(4096)
-            vname = raw.decode("ascii").strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise LogFormatError(f"{cur}: unreadable ({exc}); {_FIX}") from None
-        if not _VERSION_RE.match(vname):
-            raise LogFormatError(f"{cur}: does not name a log version (corrupted); {_FIX}")
-        return vname
-
-    @classmethod
-    def _load_version(cls, vdir: str) -> "GradientLog":
-        mpath = os.path.join(vdir, _MANIFEST)
-
-        def bad(where: str, what: str) -> LogFormatError:
-            return LogFormatError(f"{where}: {what}; {_FIX}")
-
-        if not os.path.isfile(mpath):
-            raise bad(vdir, f"{_MANIFEST} is missing")
-        try:
-            with open(mpath, "rb") as f:
-                m = json.loads(f.read().decode("utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
-            raise bad(mpath, f"not valid JSON ({exc})") from None
-        if not isinstance(m, dict) or m.get("format") != _FORMAT_NAME:
-            raise LogFormatError(f"{mpath}: not a GradientLog manifest")
-        ver = m.get("format_version")
-        if ver != FORMAT_VERSION:
-            from . import __version__
-            hint = ("upgrade mini_unlearn" if isinstance(ver, int) and ver > FORMAT_VERSION
-                    else "re-record the log")
-            raise LogFormatError(f"{mpath}: log format version {ver!r}, this mini_unlearn "
-                                 f"({__version__}) reads version {FORMAT_VERSION}; {hint}")
-        required = ("fmt", "block", "params", "entries", "rows", "meta", "files", "checksum")
-        missing = [k for k in required if k not in m]
-        if missing:
-            raise bad(mpath, f"manifest lacks {missing[0]!r}")
-        try:
-            ok = _manifest_checksum(m) == m["checksum"]
-        except (TypeError, ValueError):
-            ok = False
-        if not ok:
-            raise bad(mpath, "manifest checksum mismatch (corrupted)")
-
-        try:
-            return cls._from_manifest(vdir, m)
-        except LogFormatError:
-            raise
-        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
-            raise bad(mpath, f"malformed manifest ({type(exc).__name__}: {exc})") from None
-
-    @classmethod
-    def _from_manifest(cls, vdir: str, m: dict[str, Any]) -> "GradientLog":
-        mpath = os.path.join(vdir, _MANIFEST)
-
-        def bad(where: str, what: str) -> LogFormatError:
-            return LogFormatError(f"{where}: {what}; {_FIX}")
-
-        # tensor files: presence, size, checksum, parse
-        tensors: dict[str, torch.Tensor] = {}
-        for fd in m["files"]:
-            fname = fd["name"]
-            if not isinstance(fname, str) or not _SHARD_RE.match(fname):
-                raise bad(mpath, f"bad tensor file name {fname!r}")
-            fpath = os.path.join(vdir, fname)
-            if not os.path.isfile(fpath):
-                raise bad(fpath, "tensor file is missing")
-            size = os.path.getsize(fpath)
-            if size != fd["bytes"]:
-                raise bad(fpath, f"{size} bytes on disk, {fd['bytes']} recorded (truncated or altered)")
-            if _sha256(fpath) != fd["sha256"]:
-                raise bad(fpath, "sha256 checksum mismatch (corrupted)")
-            try:
-                part = load_file(fpath)
-            except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-                raise bad(fpath, f"unreadable safetensors file ({exc})") from None
-            for k in part:
-                if k in tensors:
-                    raise bad(fpath, f"tensor {k!r} appears twice")
-            tensors.update(part)
-        used: set[str] = set()
-
-        def take(key: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-            if key not in tensors:
-                raise bad(vdir, f"tensor {key!r} is missing from the tensor files")
-            t = tensors[key]
-            if t.dtype != dtype or tuple(t.shape) != tuple(shape):
-                raise bad(vdir, f"tensor {key!r} is {t.dtype} {tuple(t.shape)}, the manifest says "
-                                f"{dtype} {tuple(shape)}")
-            used.add(key)
-            return t
-
-        def compressed(prefix: str, d: Mapping[str, Any], what: str) -> Compressed:
-            fmt, numel, block = d["fmt"], d["numel"], d["block"]
-            if fmt not in FORMATS or not isinstance(numel, int) or numel < 0 or \
-                    not isinstance(block, int) or block <= 0:
-                raise bad(mpath, f"{what}: bad fmt/numel/block")
-            dt, dshape, sshape = _layout(fmt, numel, block)
-            data = take(f"{prefix}/data", dt, dshape)
-            scales = None if sshape is None else take(f"{prefix}/scales", torch.float32, sshape)
-            return Compressed(fmt, data, scales, numel, block)
-
-        def shape_of(d: Mapping[str, Any], numel: int, what: str) -> tuple[int, ...]:
-            sh = tuple(d["shape"])
-            if not all(isinstance(s, int) and s >= 0 for s in sh) or math.prod(sh) != numel:
-                raise bad(mpath, f"{what}: shape {list(sh)} does not hold {numel} elements")
-            return sh
-
-        p = m["params"]
-        dtypes = []
-        for s in p["dtypes"]:
-            if s not in _DTYPES:
-                raise bad(mpath, f"unknown parameter dtype {s!r}")
-            dtypes.append(_DTYPES[s])
-        fmt, block = m["fmt"], m["block"]
-        if fmt not in FORMATS or not isinstance(block, int) or block <= 0:
-            raise bad(mpath, "bad default fmt/block")
-        log = cls(p["names"], p["shapes"], dtypes, fmt=fmt, block=block,
-                  all_trainable=bool(p.get("all_trainable", False)))
-        if not isinstance(m["meta"], dict):
-            raise bad(mpath, "meta is not an object")
-        log.meta = dict(m["meta"])
-
-        for n, d in m["entries"].items():
-            what = f"entry {n!r}"
-            if d["kind"] == "compressed":
-                c = compressed(f"entry/{n}", d, what)
-                log._entries[n], log._shapes[n] = c, shape_of(d, c.numel, what)
-            elif d["kind"] == "exact":
-                if d["dtype"] not in _DTYPES:
-                    raise bad(mpath, f"{what}: unknown dtype {d['dtype']!r}")
-                sh = shape_of(d, d["numel"], what)
-                log._entries[n] = take(f"entry/{n}/data", _DTYPES[d["dtype"]], sh)
-                log._shapes[n] = sh
-            else:
-                raise bad(mpath, f"{what}: unknown kind {d['kind']!r}")
-        for n, d in m["rows"].items():
-            what = f"row list {n!r}"
-            count = d["count"]
-            if not isinstance(count, int) or count < 1:
-                raise bad(mpath, f"{what}: bad row count {count!r}")
-            rl = _Rows(d["fmt"], d["numel"], d["block"], ())
-            rl.items = [compressed(f"rows/{n}/{i}", d, f"{what} row {i}") for i in range(count)]
-            rl.shape = shape_of(d, rl.numel, what)
-            log._rows[n] = rl
-        extra = set(tensors) - used
-        if extra:
-            raise bad(vdir, f"unexpected tensor {sorted(extra)[0]!r} not described by the manifest")
-        return log
+        from ._io import load_log
+        return load_log(cls, path, model, rank=rank, world=world)
