@@ -108,6 +108,7 @@ class GradientLog:
         # entries of a shard owned whole by another rank: name -> (owner, shape, dtype name or
         # None for compressed entries, which decompress to fp32)
         self._remote: dict[str, tuple[int, tuple[int, ...], str | None]] = {}
+        self._order: dict[str, None] = {}  # every entry name, local or remote, in insertion order
 
     # ---- construction ------------------------------------------------------------------------
 
@@ -257,6 +258,7 @@ class GradientLog:
             self._shapes.pop(name, None)
             self._eplace.pop(name, None)
             self._remote[name] = (place, shape, dt)
+            self._order[name] = None
             return
         if isinstance(tensor, Compressed):
             c = self._own_compressed(tensor, what)
@@ -272,6 +274,7 @@ class GradientLog:
     def _store(self, name: str, value: Compressed | torch.Tensor, shape: tuple[int, ...],
                place: Placement) -> None:
         self._remote.pop(name, None)
+        self._order[name] = None
         self._entries[name], self._shapes[name], self._eplace[name] = value, shape, place
 
     def _placement_for(self, what: str, shape: tuple[int, ...], placement: str | None,
@@ -592,7 +595,7 @@ class GradientLog:
         multiples of ``align``, default :meth:`default_align`, so compressed vectors split without
         re-quantising: the shard holds exactly the bytes of the full log's slice); replicated
         entries and row lists are shared with this log (not copied); an entry owned by rank ``r``
-        goes to rank ``r % world`` only. ``shard_of(0, 1)`` is a full copy. Under DDP, a Recorder
+        goes to rank ``r % world`` only. ``shard_of(0, 1)`` is a full copy (owners kept). Under DDP, a Recorder
         may also start from an empty ``for_model(...).shard_of(rank, world)`` and give it whole
         flat vectors: each rank keeps (and compresses) only its slice.
         """
@@ -612,12 +615,13 @@ class GradientLog:
             elif p == "replicated":
                 out._store(n, e, self._shapes[n], p)
             else:
-                o = p % world
-                if o == rank:
+                o = p if world == 1 else p % world
+                if world == 1 or o == rank:
                     out._store(n, e, self._shapes[n], o)
                 else:
                     dt = None if isinstance(e, Compressed) else _dtype_name(e.dtype)
                     out._remote[n] = (o, self._shapes[n], dt)
+                    out._order[n] = None
         for n, rl in self._rows.items():
             if self._rplace[n] == "flat":
                 new = _Rows(rl.fmt, hi - lo, rl.block, rl.shape)
@@ -647,7 +651,7 @@ class GradientLog:
         if world == 1:
             return first.shard_of(0, 1)
         out = first._empty_like()
-        names = list(first._entries) + [n for s in parts for n in s._entries if n not in first._entries]
+        names = list(first._order) + [n for s in parts for n in s._order]
         for n in dict.fromkeys(names):
             p = first.placement_of(n) if n in first._entries or n in first._remote else parts[-1].placement_of(n)
             if p == "flat":

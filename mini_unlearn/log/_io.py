@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from ..errors import LogFormatError
 from ..ops import FORMATS, Compressed
 from . import _atomic
+from ._gradient_log import Placement
 from ._format import (CURRENT, DTYPES, FILE_BYTES, FILE_RE, FIX, FORMAT_NAME, FORMAT_VERSION,
                       MANIFEST, RANK_FILE_RE, READABLE_VERSIONS, SINGLE_VERSION, VERSION_RE, PathLike,
                       bad, dtype_name, file_name, layout, manifest_checksum, sha256_file,
@@ -77,7 +78,7 @@ def describe_part(log: "GradientLog", *, all_local: bool = False) -> tuple[dict[
                 tensors[f"rows/{n}/{i}/scales"] = c.scales
     remote = {n: [o, list(sh), dt] for n, (o, sh, dt) in log._remote.items()}
     return ({"rank": log.rank, "world": log.world, "range": [log.lo, log.hi], "entries": entries,
-             "rows": rows, "remote": remote}, tensors)
+             "rows": rows, "remote": remote, "order": list(log._order)}, tensors)
 
 
 def _header(log: "GradientLog", version: int) -> dict[str, Any]:
@@ -195,7 +196,8 @@ def merge_parts(log: "GradientLog", parts: list[dict[str, Any]]) -> tuple[dict[s
                 raise ValueError(f"entry {n!r} is owned by rank {o}, which did not store it")
     if world and any(pt["world"] != world for pt in parts):
         raise ValueError("ranks disagree on the number of shards")
-    return entries, rows
+    order = [n for pt in parts for n in pt.get("order", [])] + list(entries)
+    return {n: entries[n] for n in dict.fromkeys(order) if n in entries}, rows
 
 
 def _save_sharded(log: "GradientLog", path: str, group: Any, timeout: float) -> None:
@@ -499,8 +501,16 @@ def _build(cls: type["GradientLog"], vdir: str, m: dict[str, Any], rank: int, wo
                 raise bad(mpath, f"{what}: block {d['block']!r} does not divide the alignment {align}")
         elif pl == "replicated":
             pass
-        elif not (isinstance(pl, int) and not isinstance(pl, bool) and 0 <= pl < n_src and k == "e"):
+        elif not (isinstance(pl, int) and not isinstance(pl, bool) and k == "e" and 0 <= pl
+                  and (n_src == 1 or pl < n_src)):
             raise bad(mpath, f"{what}: bad placement {pl!r}")
+
+    def holder(pl: Placement) -> int:
+        """Source rank whose files hold a non-flat item (a 1-shard log holds everything)."""
+        return 0 if pl == "replicated" or n_src == 1 else int(pl)
+
+    def new_owner(pl: int) -> int:
+        return pl if world == 1 else pl % world
 
     # target: full log (world 1) or rank `rank` of `world`
     if world > 1:
@@ -516,13 +526,13 @@ def _build(cls: type["GradientLog"], vdir: str, m: dict[str, Any], rank: int, wo
         need.update(overlap)
     if any(pl == "replicated" for pl in place.values()):
         need.add(0)
-    need.update(pl for pl in place.values() if isinstance(pl, int) and pl % world == rank)
+    need.update(holder(pl) for pl in place.values() if isinstance(pl, int) and (world == 1 or new_owner(pl) == rank))
     expected: dict[int, set[str]] = {s: set() for s in range(n_src)}
     for (k, n), pl in place.items():
         d = entries[n] if k == "e" else rows[n]
         prefixes = [f"entry/{n}"] if k == "e" else [f"rows/{n}/{i}" for i in range(d["count"])] \
             if isinstance(d["count"], int) else []
-        holders = range(n_src) if pl == "flat" else [0] if pl == "replicated" else [pl]
+        holders = range(n_src) if pl == "flat" else [holder(pl)]
         for s in holders:
             for pre in prefixes:
                 expected[s].update(_keys(pre, d))
@@ -569,10 +579,11 @@ def _build(cls: type["GradientLog"], vdir: str, m: dict[str, Any], rank: int, wo
                 value = flat_piece(lambda dc, k: dc.compressed(f"entry/{n}", d, k, what))
             log._store(n, value, shape, pl)
             continue
-        src = 0 if pl == "replicated" else pl
-        newp = pl if pl == "replicated" else pl % world
-        if pl != "replicated" and newp != rank:
+        src = holder(pl)
+        newp = pl if pl == "replicated" else new_owner(pl)
+        if pl != "replicated" and world > 1 and newp != rank:
             log._remote[n] = (newp, shape, d["dtype"] if exact else None)
+            log._order[n] = None
             continue
         value = dec[src].exact(f"entry/{n}", d, shape, what) if exact else \
             dec[src].compressed(f"entry/{n}", d, d["numel"], what)
@@ -616,4 +627,6 @@ def shard_from_part(template: "GradientLog", part: dict[str, Any], tensors: Tens
         log._rows[n], log._rplace[n] = rl, pl
     for n, (o, sh, dt) in part["remote"].items():
         log._remote[n] = (o, tuple(sh), dt)
+    log._order = {n: None for n in part.get("order", [])}
+    log._order.update((n, None) for n in list(log._entries) + list(log._remote))
     return log
