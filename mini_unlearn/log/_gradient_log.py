@@ -501,15 +501,19 @@ class GradientLog:
 
     def __repr__(self) -> str:
         nrows = sum(len(r.items) for r in self._rows.values())
+        shard = f", shard={self.rank}/{self.world} [{self.lo}, {self.hi})" if self.is_shard else ""
         return (f"GradientLog(params={len(self.param_names)}, dim={self.dim}, fmt={self.fmt!r}, "
                 f"block={self.block}, entries={len(self._entries)}, row_lists={len(self._rows)} "
-                f"({nrows} rows), nbytes={self.nbytes()}, ratio={self.compression_ratio():.2f}x)")
+                f"({nrows} rows), nbytes={self.nbytes()}, ratio={self.compression_ratio():.2f}x{shard})")
 
     def summary(self, max_params: int = 40) -> str:
         """Multi-line human-readable description: parameters, entries (format, shape, bytes), row
         lists, meta, sizes and compression ratio."""
         lines = [f"GradientLog: {len(self.param_names)} parameters, {self.dim:,} elements, "
                  f"default format {self.fmt} (block {self.block})"]
+        if self.is_shard:
+            lines.append(f"shard: rank {self.rank} of {self.world}, flat range [{self.lo}, {self.hi}) "
+                         f"(aligned to {self.align}); entries owned by other ranks: {len(self._remote)}")
         lines.append("parameters:")
         w = max((len(n) for n in self.param_names[:max_params]), default=0)
         for n, sh, dt in list(zip(self.param_names, self.shapes, self.dtypes))[:max_params]:
@@ -546,6 +550,13 @@ class GradientLog:
     def is_shard(self) -> bool:
         """True for one rank's shard of a log split over ``world > 1`` ranks."""
         return self.world > 1
+
+    def local(self, vec: torch.Tensor) -> torch.Tensor:
+        """This shard's part ``vec[lo:hi]`` of a full flat vector (e.g. from :meth:`flatten`); the
+        vector itself on a full log."""
+        if vec.dim() != 1 or vec.numel() != self.dim:
+            raise ValueError(f"expected a 1-D vector of {self.dim} elements, got shape {tuple(vec.shape)}")
+        return vec[self.lo:self.hi]
 
     def placement_of(self, name: str) -> Placement:
         """Where entry or row list ``name`` lives: ``"flat"``, ``"replicated"`` or its owner rank."""
