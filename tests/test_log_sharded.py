@@ -79,7 +79,7 @@ def stored_equal(a, b):
 
 
 def forbid_pickle():
-    """Make every unpickling (and torch.load) raise in this process."""
+    """Make every pickling, unpickling and torch.load raise in this process."""
     import pickle
 
     def boom(*a, **k):
@@ -89,8 +89,8 @@ def forbid_pickle():
         def __init__(self, *a, **k):
             boom()
 
-    pickle.load = pickle.loads = boom
-    pickle.Unpickler = NoUnpickler
+    pickle.load = pickle.loads = pickle.dump = pickle.dumps = boom
+    pickle.Unpickler = pickle.Pickler = NoUnpickler
     torch.load = boom
 '''
 
@@ -127,6 +127,17 @@ if mode == "roundtrip":
     # loading inside the process group gives this rank's shard
     stored_equal(GradientLog.load(path), shard)
     stored_equal(GradientLog.load(v1path), full.shard_of(rank, world))  # a 1-process log, resharded
+    # a save that fails on one rank (a flat entry only rank 1 has) raises on every rank; log unchanged
+    broken = build(1, empty(1).shard_of(rank, world))
+    if rank == 1:
+        broken.put("extra", torch.zeros(N_A + N_B))
+    try:
+        broken.save(path, timeout=30)
+    except Exception as exc:
+        assert "'extra' is missing on rank 0" in str(exc), exc
+    else:
+        raise AssertionError("a save with a rank missing a flat entry succeeded")
+    stored_equal(GradientLog.load(path), shard)
     print(f"ok {rank}", flush=True)
 elif mode == "loop":  # save build(0), build(1), ... collectively until killed
     i = 0
@@ -212,7 +223,7 @@ def test_shard_range_balanced_aligned():
         shard_range(10, 2, 2)
 
 
-def test_shards_reassemble_and_slice_compressed_cleanly():
+def test_shards_reassemble():
     full = build(0)
     for world in (1, 2, 3):
         shards = [full.shard_of(r, world) for r in range(world)]
@@ -231,28 +242,26 @@ def test_shards_reassemble_and_slice_compressed_cleanly():
         s1.shard_of(0, 2)
 
 
-def _dense_row(i: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(100)
-    d = 70_001
-    torch.randn(d, generator=g), torch.randn(d, generator=g)  # anchors
-    torch.randn(20, 20, generator=g), torch.rand(20, generator=g, dtype=torch.float64)
-    torch.randperm(50, generator=g)
-    for k in range(5):
-        r = torch.randn(d, generator=g)
-        torch.randn(d, generator=g), torch.randn(3, 3, generator=g)
-        if k == i:
-            return r
-    raise IndexError(i)
-
-
 def test_shard_codes_equal_compressing_the_slice():
-    full = build(0)
-    dense = _dense_row(1)
+    """A shard fed whole vectors keeps exactly the codes of compressing its slice alone, which are
+    also the full log's codes for that range (blocks are never split)."""
+    x = torch.randn(70_001)
+    full = empty()
+    full.append_row("g", x, fmt="int8")
+    full.append_row("h", x, fmt="int4")
     for r in range(2):
-        s = full.shard_of(r, 2)
-        c = ops.compress(dense[s.lo:s.hi], "int8", block=256)
-        got = s.rows("ckpt/grad", 1, 2)
-        assert torch.equal(got.data[0], c.data) and torch.equal(got.scales[0], c.scales)
+        s = empty().shard_of(r, 2)
+        s.append_row("g", x, fmt="int8")
+        s.append_row("h", x, fmt="int4")
+        s.append_row("g", x[s.lo:s.hi], fmt="int8")  # or given as the slice itself
+        for name, fmt in (("g", "int8"), ("h", "int4")):
+            c = ops.compress(x[s.lo:s.hi], fmt, block=256)
+            got = s.rows(name)
+            assert torch.equal(got.data[0], c.data) and torch.equal(got.scales[0], c.scales)
+            assert torch.equal(s.row(name, 0), full.row(name, 0)[s.lo:s.hi])
+        assert torch.equal(s.rows("g").data[1], s.rows("g").data[0])
+    with pytest.raises(ValueError):
+        empty().shard_of(0, 2).append_row("g", torch.randn(1000), placement="flat")
 
 
 # ---- across processes ----------------------------------------------------------------------------
