@@ -402,3 +402,15 @@ def test_sigkill_of_one_rank_during_save_leaves_previous_log(tmp_path):
         build(99).save(path)
         assert GradientLog.load(path).meta["save_index"] == 99
         assert sorted(os.listdir(path))[0] == "CURRENT" and len(os.listdir(path)) == 2
+
+
+def test_more_ranks_than_blocks_gives_empty_shards(tmp_path):
+    log = GradientLog(["w"], [(100,)], [torch.float32], fmt="int4", block=32)
+    log.put("a", torch.randn(100))
+    log.put("e", torch.randn(100), exact=True)
+    log.append_row("r", torch.randn(100))
+    log.save(tmp_path / "t")
+    shards = [GradientLog.load(tmp_path / "t", rank=r, world=5) for r in range(5)]
+    assert [(s.lo, s.hi) for s in shards] == [(0, 0), (0, 32), (32, 64), (64, 96), (96, 100)]
+    assert shards[0].get("a").shape == (0,) and shards[0].row("r", 0).shape == (0,)
+    stored_equal(GradientLog.from_shards(shards), log.shard_of(0, 1))

@@ -169,12 +169,13 @@ def merge_parts(log: "GradientLog", parts: list[dict[str, Any]]) -> tuple[dict[s
     entries: dict[str, Any] = {}
     rows: dict[str, Any] = {}
     for sect, out in (("entries", entries), ("rows", rows)):
+        kind = "entry" if sect == "entries" else "row list"
         for part in parts:
             for n, d in part[sect].items():
                 p = d["placement"]
                 if n in out:
                     if p == "flat" and d != out[n]:
-                        raise ValueError(f"{sect[:-1]} {n!r} differs between ranks "
+                        raise ValueError(f"{kind} {n!r} differs between ranks "
                                          f"({out[n]} vs {d} on rank {part['rank']})")
                     if isinstance(p, int):
                         raise ValueError(f"entry {n!r} is held by more than one rank")
@@ -182,13 +183,13 @@ def merge_parts(log: "GradientLog", parts: list[dict[str, Any]]) -> tuple[dict[s
                 if isinstance(p, int) and p != part["rank"]:
                     raise ValueError(f"entry {n!r} is owned by rank {p} but written by rank {part['rank']}")
                 if p == "replicated" and part["rank"] != 0:
-                    raise ValueError(f"replicated {sect[:-1]} {n!r} is missing on rank 0")
+                    raise ValueError(f"replicated {kind} {n!r} is missing on rank 0")
                 out[n] = d
         for n, d in out.items():
             if d["placement"] == "flat":
                 lacking = [pt["rank"] for pt in parts if n not in pt[sect]]
                 if lacking:
-                    raise ValueError(f"flat {sect[:-1]} {n!r} is missing on rank {lacking[0]} "
+                    raise ValueError(f"flat {kind} {n!r} is missing on rank {lacking[0]} "
                                      f"(every rank must store its slice)")
     for part in parts:
         for n, (o, _, _) in part["remote"].items():
@@ -205,6 +206,7 @@ def _save_sharded(log: "GradientLog", path: str, group: Any, timeout: float) -> 
     _dist.check_group(log, group)
     rank = log.rank
     vname, err = "", ""
+    first_exc: BaseException | None = None
     if rank == 0:
         try:
             _header(log, FORMAT_VERSION)  # meta must be JSON-able: fail before touching the disk
@@ -213,11 +215,11 @@ def _save_sharded(log: "GradientLog", path: str, group: Any, timeout: float) -> 
             os.mkdir(os.path.join(path, vname))
         except Exception as exc:  # every rank must learn of it, else they wait forever
             err = f"{type(exc).__name__}: {exc}"
-            first_exc: BaseException | None = exc
+            first_exc = exc
     msg = json.loads(_dist.broadcast_bytes(json.dumps({"v": vname, "e": err}).encode(), 0, group))
     if msg["e"]:
-        if rank == 0:
-            raise first_exc  # type: ignore[misc]
+        if first_exc is not None:
+            raise first_exc
         raise RuntimeError(f"sharded save to {path} failed on rank 0: {msg['e']}")
     vname = msg["v"]
     if not VERSION_RE.match(vname):
@@ -546,7 +548,9 @@ def _build(cls: type["GradientLog"], vdir: str, m: dict[str, Any], rank: int, wo
                       f"unexpected tensor {sorted(extra)[0]!r} not described by the manifest")
         dec[s] = _Decoder(vdir, mpath, t)
 
-    def flat_piece(get: Callable[[_Decoder, int], Compressed | torch.Tensor]) -> Compressed | torch.Tensor:
+    def flat_piece(get: Callable[[_Decoder, int], Compressed | torch.Tensor],
+                   d: Mapping[str, Any]) -> Compressed | torch.Tensor:
+        """The target's range of a flat vector, cut from the overlapping source shards."""
         pieces = []
         for s in overlap:
             slo, shi = ranges[s]
@@ -555,17 +559,15 @@ def _build(cls: type["GradientLog"], vdir: str, m: dict[str, Any], rank: int, wo
             if (a, b) != (0, shi - slo):
                 src = slice_compressed(src, a, b) if isinstance(src, Compressed) else src[a:b]
             pieces.append(src)
-        if not pieces:  # an empty shard (tiny dim): an empty slice of rank 0's vector
-            src = get(dec[0], ranges[0][1]) if 0 in dec else None
-            if src is None:
-                raise bad(mpath, "no source for an empty shard")
-            return slice_compressed(src, 0, 0) if isinstance(src, Compressed) else src[:0]
+        if not pieces:  # an empty shard (dim smaller than world * align)
+            if d.get("kind") == "exact":
+                return torch.empty(0, dtype=DTYPES[d["dtype"]])
+            dt, _, sshape = layout(d["fmt"], 0, d["block"])
+            return Compressed(d["fmt"], torch.empty(0, dtype=dt),
+                              None if sshape is None else torch.empty(0), 0, d["block"])
         if len(pieces) == 1:
             return pieces[0]
         return cat_compressed(pieces) if isinstance(pieces[0], Compressed) else torch.cat(pieces)
-
-    if any(pl == "flat" for pl in place.values()) and not overlap and 0 not in dec:
-        dec[0] = _Decoder(vdir, mpath, _read_files(vdir, mpath, files_of.get(0, [])))
 
     for n, d in entries.items():
         what = f"entry {n!r}"
@@ -574,9 +576,9 @@ def _build(cls: type["GradientLog"], vdir: str, m: dict[str, Any], rank: int, wo
         exact = d["kind"] == "exact"
         if pl == "flat":
             if exact:
-                value = flat_piece(lambda dc, k: dc.exact(f"entry/{n}", d, (k,), what))
+                value = flat_piece(lambda dc, k: dc.exact(f"entry/{n}", d, (k,), what), d)
             else:
-                value = flat_piece(lambda dc, k: dc.compressed(f"entry/{n}", d, k, what))
+                value = flat_piece(lambda dc, k: dc.compressed(f"entry/{n}", d, k, what), d)
             log._store(n, value, shape, pl)
             continue
         src = holder(pl)
@@ -594,7 +596,7 @@ def _build(cls: type["GradientLog"], vdir: str, m: dict[str, Any], rank: int, wo
         shape = _check_desc(mpath, d, what, rows=True)
         pl = place[("r", n)]
         if pl == "flat":
-            items = [flat_piece(lambda dc, k, i=i: dc.compressed(f"rows/{n}/{i}", d, k, f"{what} row {i}"))
+            items = [flat_piece(lambda dc, k, i=i: dc.compressed(f"rows/{n}/{i}", d, k, f"{what} row {i}"), d)
                      for i in range(d["count"])]
         else:
             items = [dec[0].compressed(f"rows/{n}/{i}", d, d["numel"], f"{what} row {i}")
