@@ -14,16 +14,17 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 import torch
 
 from mini_unlearn import GradientLog, LogFormatError, ops
-from mini_unlearn.log import shard_range
+from mini_unlearn.log import assign_owners, shard_range
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORKER_TIMEOUT = 90  # seconds for a whole 2-rank worker run (imports included)
+WORKER_TIMEOUT = 60  # seconds for a whole 2-rank worker run (imports included)
 
 # Shared by the tests and the worker subprocesses: a deterministic log dominated by flat rows.
 _BUILD = r'''
@@ -223,6 +224,14 @@ def test_shard_range_balanced_aligned():
         shard_range(10, 2, 2)
 
 
+def test_assign_owners_balances_cost():
+    costs = [784 ** 3, 100 ** 3, 100 ** 3, 10 ** 3, 512 ** 3]
+    owners = assign_owners(costs, 2)
+    assert owners == [0, 1, 1, 1, 1]
+    assert assign_owners(costs, 1) == [0] * 5 and assign_owners([], 3) == []
+    assert sorted(assign_owners([1.0] * 6, 3)) == [0, 0, 1, 1, 2, 2]
+
+
 def test_shards_reassemble():
     full = build(0)
     for world in (1, 2, 3):
@@ -370,6 +379,8 @@ def test_sigkill_of_one_rank_during_save_leaves_previous_log(tmp_path):
     for victim in (1, 0):
         path = tmp_path / f"log{victim}"
         procs = _start("loop", str(path))
+        watchdog = threading.Timer(WORKER_TIMEOUT, _kill_all, [procs])  # bounds the blocking reads
+        watchdog.start()
         last = -1
         try:
             deadline = time.monotonic() + WORKER_TIMEOUT
@@ -384,7 +395,7 @@ def test_sigkill_of_one_rank_during_save_leaves_previous_log(tmp_path):
             procs[victim].wait(timeout=10)
             # the survivor raises (peer gone) or is killed after a bounded wait
             try:
-                procs[1 - victim].wait(timeout=40)
+                procs[1 - victim].wait(timeout=30)
             except subprocess.TimeoutExpired:
                 procs[1 - victim].kill()
             out, _ = procs[0].communicate(timeout=10)
@@ -392,6 +403,7 @@ def test_sigkill_of_one_rank_during_save_leaves_previous_log(tmp_path):
                 if line.startswith("saved"):
                     last = int(line.split()[1])
         finally:
+            watchdog.cancel()
             _kill_all(procs)
         log = GradientLog.load(path)
         i = log.meta["save_index"]

@@ -25,7 +25,7 @@ Modules: ``_format`` (manifest, layouts, checksums, slicing), ``_atomic`` (fsync
 directories, ``CURRENT``), ``_gradient_log`` (the in-memory log), ``_io`` (save/load),
 ``_dist`` (torch.distributed collectives without pickle).
 """
-from ._format import FORMAT_VERSION, shard_range
+from ._format import FORMAT_VERSION, assign_owners, shard_range
 from ._gradient_log import GradientLog, Placement
 
-__all__ = ["GradientLog", "FORMAT_VERSION", "Placement", "shard_range"]
+__all__ = ["GradientLog", "FORMAT_VERSION", "Placement", "assign_owners", "shard_range"]

@@ -167,3 +167,19 @@ def shard_range(dim: int, rank: int, world: int, align: int = 1) -> tuple[int, i
     chunks = -(-dim // align)
     a, b = rank * chunks // world, (rank + 1) * chunks // world
     return min(dim, a * align), min(dim, b * align)
+
+
+def assign_owners(costs: list[float], world: int) -> list[int]:
+    """An owner rank for each item of cost ``costs[i]`` (e.g. a layer's eigendecomposition, cost
+    ~ d_in³ + d_out³), balancing the ranks' total cost: largest first, each to the least loaded
+    rank (ties: lowest rank). Deterministic, so every rank computes the same assignment; pass the
+    result as ``owner=`` to :meth:`GradientLog.put`."""
+    if world < 1:
+        raise ValueError(f"world must be positive, got {world}")
+    load = [0.0] * world
+    owners = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        r = min(range(world), key=lambda r: (load[r], r))
+        owners[i] = r
+        load[r] += costs[i]
+    return owners
