@@ -606,9 +606,10 @@ class GradientLog:
         multiples of ``align``, default :meth:`default_align`, so compressed vectors split without
         re-quantising: the shard holds exactly the bytes of the full log's slice); replicated
         entries and row lists are shared with this log (not copied); an entry owned by rank ``r``
-        goes to rank ``r % world`` only. ``shard_of(0, 1)`` is a full copy (owners kept). Under DDP, a Recorder
-        may also start from an empty ``for_model(...).shard_of(rank, world)`` and give it whole
-        flat vectors: each rank keeps (and compresses) only its slice.
+        goes to rank ``r % world`` only. ``shard_of(0, 1)`` is a full log equal to this one
+        (owners kept). Under DDP, a Recorder may also start from an empty
+        ``for_model(...).shard_of(rank, world)`` and give it whole flat vectors: each rank keeps
+        (and compresses) only its slice.
         """
         if self.is_shard:
             raise ValueError("shard_of needs a full log; reassemble shards with GradientLog.from_shards "
@@ -664,8 +665,11 @@ class GradientLog:
         out = first._empty_like()
         names = list(first._order) + [n for s in parts for n in s._order]
         for n in dict.fromkeys(names):
-            p = first.placement_of(n) if n in first._entries or n in first._remote else parts[-1].placement_of(n)
+            p = next(s for s in parts if n in s._entries or n in s._remote).placement_of(n)
             if p == "flat":
+                lacking = [s.rank for s in parts if n not in s._entries]
+                if lacking:
+                    raise ValueError(f"flat entry {n!r} is missing on rank {lacking[0]}")
                 pieces = [s._entries[n] for s in parts]
                 if isinstance(pieces[0], Compressed):
                     value = cat_compressed([c for c in pieces if c.numel] or pieces[:1])
@@ -682,6 +686,9 @@ class GradientLog:
         for n, rl in first._rows.items():
             new = _Rows(rl.fmt, rl.numel, rl.block, rl.shape)
             if first._rplace[n] == "flat":
+                lacking = [s.rank for s in parts if n not in s._rows]
+                if lacking:
+                    raise ValueError(f"flat row list {n!r} is missing on rank {lacking[0]}")
                 counts = {len(s._rows[n].items) for s in parts}
                 if len(counts) != 1:
                     raise ValueError(f"row list {n!r} has different row counts on the shards: {sorted(counts)}")
@@ -768,8 +775,10 @@ class GradientLog:
         own ``rank-RRRRR-NNNNN.safetensors`` files into the new version directory; after a barrier
         (``timeout`` seconds) rank 0 writes the manifest (format version 2, naming the N shards)
         and swaps ``CURRENT``. If any rank fails or dies, every surviving rank raises and the
-        previous log stays current. A full log is saved by the calling process alone (format
-        version 1, as before): under DDP, call it on one rank only.
+        previous log stays current (if a rank dies after rank 0 swapped ``CURRENT``, the others may
+        raise although the new version is complete: either way ``path`` holds a whole log). A
+        full log is saved by the calling process alone (format version 1, as before): under DDP,
+        call it on one rank only.
         """
         from ._io import save_log
         save_log(self, path, group=group, timeout=timeout)
