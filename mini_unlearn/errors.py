@@ -23,3 +23,12 @@ class NonFiniteError(MiniUnlearnError, FloatingPointError):
 
 class LineSearchError(MiniUnlearnError, RuntimeError):
     """A line search exhausted its halvings without sufficient decrease."""
+
+
+class UnsupportedTrainingError(MiniUnlearnError, ValueError):
+    """An optimizer, layer or loss set-up mini_unlearn does not support (refused, never approximated)."""
+
+
+class CurvatureScaleError(MiniUnlearnError, ArithmeticError):
+    """The logged curvature says training itself would have diverged in some direction under the
+    recorded optimizer (spectral radius ≥ 1): its scale is wrong, so the result would be amplified."""

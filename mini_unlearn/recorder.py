@@ -9,6 +9,8 @@ returns a compressed :class:`GradientLog`. The cost of ``step`` never grows with
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 
 import torch
 from torch import nn
@@ -16,69 +18,147 @@ from tqdm.auto import tqdm
 
 from . import _batches
 from .curvature import Layout, data_pass, dense_hessian, eigh_psd, kron_blocks
+from .errors import UnsupportedTrainingError
 from .log import GradientLog
+from .ops import Compressed, compress, decompress
 
-MAX_LR_RUNS = 4  # learning-rate runs kept per segment (piecewise-constant schedules are exact)
+MAX_LR_RUNS = 4  # step-rule runs kept per segment (piecewise-constant schedules are exact)
+
+
+def _compact(runs: list[list], total: int, limit: int = MAX_LR_RUNS) -> list[list]:
+    """At most ``limit`` runs ``[*values, steps]``: exact for step schedules; otherwise the steps
+    are cut into ``limit`` chunks whose numeric values are averaged (booleans kept)."""
+    if len(runs) <= limit:
+        return [list(r) for r in runs]
+    flat = [r[:-1] for r in runs for _ in range(int(r[-1]))]
+    per = math.ceil(total / limit)
+    out = []
+    for s in range(0, len(flat), per):
+        chunk = flat[s:s + per]
+        vals = [v if isinstance(v, bool) else sum(c[i] for c in chunk) / len(chunk)
+                for i, v in enumerate(chunk[0])]
+        out.append(vals + [len(chunk)])
+    return out
+
+
+def _add_run(runs: list[list], values: list, count: int = 1) -> None:
+    if runs and runs[-1][:-1] == values:
+        runs[-1][-1] += count
+    else:
+        runs.append(list(values) + [count])
 
 
 class _Segment:
-    """Running sums over one run of consecutive steps."""
+    """Running sums over one run of consecutive steps (on the model's device while open). Each
+    sum is one flat fp32 buffer (the log's flat layout) with per-parameter views, so closing the
+    segment compresses it in place with no full-size temporary."""
 
-    def __init__(self, params: list[torch.Tensor]):
-        self.gsum = [torch.zeros_like(p, dtype=torch.float32) for p in params]
-        self.wsum = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    def __init__(self, params: list[torch.Tensor], groups: int, precond: bool):
+        d = sum(p.numel() for p in params)
+        dev = params[0].device
+        self.flat = {k: torch.zeros(d, device=dev) for k in (("grad", "w", "d") if precond else ("grad", "w"))}
+        self.views = {k: list(self._views(v, params)) for k, v in self.flat.items()}
         self.steps = 0
-        self.lr_runs: list[list[float]] = []  # [lr, steps] run-length encoded
+        self.runs: list[list[list]] = [[] for _ in range(groups)]  # per group: [*rule, steps]
 
-    def add(self, params: list[torch.Tensor], weights: list[torch.Tensor], lr: float) -> None:
-        grads = [p.grad for p in params]
+    @staticmethod
+    def _views(flat: torch.Tensor, params):
+        o = 0
+        for p in params:
+            yield flat[o:o + p.numel()].view(p.shape)
+            o += p.numel()
+
+    @property
+    def dsum(self):
+        return self.views.get("d")
+
+    def add(self, grads: list[torch.Tensor], weights: list[torch.Tensor], rules: list[list]) -> None:
         if grads[0].dtype != torch.float32:
             grads, weights = [g.float() for g in grads], [w.float() for w in weights]
-        torch._foreach_add_(self.gsum + self.wsum, grads + weights)  # one fused launch
+        torch._foreach_add_(self.views["grad"] + self.views["w"], grads + weights)  # one fused launch
         self.steps += 1
-        if self.lr_runs and self.lr_runs[-1][0] == lr:
-            self.lr_runs[-1][1] += 1
+        for runs, rule in zip(self.runs, rules):
+            _add_run(runs, rule)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.flat.values())
+
+
+class _Closed:
+    """A closed segment: its mean gradient, mean weights (and mean Adam preconditioner),
+    compressed at once and kept off the model's device (host memory, or a spill file)."""
+
+    def __init__(self, vecs: dict[str, Compressed], steps: int, runs: list[list[list]], spill: str | None):
+        self.steps, self.runs, self._path, self._vecs = steps, runs, None, None
+        if spill is None:
+            self._vecs = {k: _to_cpu(c) for k, c in vecs.items()}
         else:
-            self.lr_runs.append([lr, 1])
+            from safetensors.torch import save_file
 
-    def merged(self, other: "_Segment") -> "_Segment":
-        """A new segment covering self then other (neither is modified)."""
-        out = _Segment.__new__(_Segment)
-        out.gsum = torch._foreach_add(self.gsum, other.gsum)
-        out.wsum = torch._foreach_add(self.wsum, other.wsum)
-        out.steps = self.steps + other.steps
-        out.lr_runs = []
-        for lr, n in self.lr_runs + other.lr_runs:
-            if out.lr_runs and out.lr_runs[-1][0] == lr:
-                out.lr_runs[-1][1] += n
-            else:
-                out.lr_runs.append([lr, n])
+            fd, self._path = tempfile.mkstemp(suffix=".safetensors", dir=spill)
+            os.close(fd)
+            flat = {}
+            for k, c in vecs.items():
+                flat[f"{k}.data"] = c.data.contiguous().cpu()
+                if c.scales is not None:
+                    flat[f"{k}.scales"] = c.scales.contiguous().cpu()
+            save_file(flat, self._path, metadata={k: f"{c.fmt},{c.numel},{c.block}" for k, c in vecs.items()})
+
+    def vecs(self) -> dict[str, Compressed]:
+        if self._vecs is not None:
+            return self._vecs
+        from safetensors import safe_open
+
+        out = {}
+        with safe_open(self._path, framework="pt") as f:
+            meta = f.metadata()
+            for k, spec in meta.items():
+                fmt, numel, block = spec.split(",")
+                scales = f.get_tensor(f"{k}.scales") if f"{k}.scales" in f.keys() else None
+                out[k] = Compressed(fmt, f.get_tensor(f"{k}.data"), scales, int(numel), int(block))
         return out
 
-    def compact_runs(self) -> list[tuple[float, int]]:
-        """At most MAX_LR_RUNS (lr, steps) runs: exact for step schedules, averaged otherwise."""
-        runs = [(float(lr), int(n)) for lr, n in self.lr_runs]
-        if len(runs) <= MAX_LR_RUNS:
-            return runs
-        out, per = [], math.ceil(self.steps / MAX_LR_RUNS)
-        flat = [lr for lr, n in runs for _ in range(n)]
-        for s in range(0, len(flat), per):
-            chunk = flat[s:s + per]
-            out.append((sum(chunk) / len(chunk), len(chunk)))
-        return out
+    def drop(self) -> None:
+        if self._path is not None and os.path.exists(self._path):
+            os.unlink(self._path)
+
+    def host_nbytes(self) -> int:
+        if self._vecs is None:
+            return 0
+        return sum(c.data.numel() * c.data.element_size()
+                   + (0 if c.scales is None else c.scales.numel() * c.scales.element_size())
+                   for c in self._vecs.values())
+
+
+def _to_cpu(c: Compressed) -> Compressed:
+    return Compressed(c.fmt, c.data.cpu(), None if c.scales is None else c.scales.cpu(), c.numel, c.block)
 
 
 class Recorder:
     """Records a compressed minimal history of training for later unlearning.
 
+    Two ways to record:
+
+    * ``rec.attach(optimizer)`` (recommended): an optimizer step hook records every real step
+      with the optimizer's own settings (SGD with momentum/dampening/Nesterov/weight decay, Adam,
+      AdamW; any LR scheduler; gradient accumulation and clipping — the hook sees the gradient
+      the step uses; AMP with ``GradScaler`` — unscaled gradients, skipped steps unrecorded).
+      Other optimizers raise :class:`~mini_unlearn.errors.UnsupportedTrainingError`.
+    * ``rec.step(lr)`` by hand after ``backward`` and before ``opt.step()``: plain SGD only.
+
+    Memory: the open segment's running sums (2× the covered parameters' fp32 bytes, 3× under
+    Adam) stay on the model's device; a segment is compressed when it closes and moved to host
+    memory, or written to ``spill_dir``, so the device holds at most ~3× the model's fp32 bytes
+    whatever K and ``total_steps`` (``peak_device_bytes`` measures it).
+
     Args:
-        model: the model being trained (any nn.Module; Linear layers anywhere in its tree).
+        model: the model being trained (any nn.Module).
         checkpoints: K, the number of trajectory segments kept (0 disables the trajectory mode).
         compression: storage format of the log: "int8", "int4", "bf16" or "fp32".
-        curvature: "kfac" (K-FAC per nn.Linear + diagonal GGN elsewhere) or "exact" (dense
+        curvature: "kfac" (K-FAC per supported layer + diagonal elsewhere) or "exact" (dense
             Hessian; d ≤ 4096 only).
         params: names of the parameters to cover (default: all trainable ones).
-        total_steps: number of ``step`` calls planned, if known: segments of equal length.
+        total_steps: number of optimizer steps planned, if known: segments of equal length.
             Unknown: segments start at one step and pairs merge as they exceed 2K.
         grad_includes_weight_decay: True if ``p.grad`` at ``step`` already contains λw
             (weight decay written into the loss), False if the optimizer applies it.
@@ -86,20 +166,22 @@ class Recorder:
         history: "minimal" (Mini-Unlearning) or "all" (every iterate, gradient and batch, for
             DeltaGrad; pass ``indices=`` to ``step``).
         block: quantisation block size.
+        spill_dir: write closed segments to this directory instead of keeping them in memory.
     """
 
     def __init__(self, model: nn.Module, checkpoints: int = 10, compression: str = "int8",
                  curvature: str = "kfac", params: list[str] | None = None,
                  total_steps: int | None = None, grad_includes_weight_decay: bool = False,
-                 fisher: str = "ggn", history: str = "minimal", block: int = 256):
+                 fisher: str = "ggn", history: str = "minimal", block: int = 256,
+                 spill_dir: str | os.PathLike | None = None):
         if curvature not in ("kfac", "exact"):
             raise ValueError(f"curvature must be 'kfac' or 'exact', got {curvature!r}")
-        if fisher not in ("ggn", "empirical"):
-            raise ValueError(f"fisher must be 'ggn' or 'empirical', got {fisher!r}")
         if history not in ("minimal", "all"):
             raise ValueError(f"history must be 'minimal' or 'all', got {history!r}")
         if checkpoints < 0:
             raise ValueError("checkpoints must be >= 0")
+        if total_steps is not None and int(total_steps) < 1:
+            raise ValueError(f"total_steps must be >= 1 (or None when unknown), got {total_steps}")
         self.model, self.K, self.fmt, self.curvature = model, int(checkpoints), compression, curvature
         self.layout = Layout.of(model, params)
         if curvature == "exact" and self.layout.numel > 4096:
@@ -107,44 +189,160 @@ class Recorder:
                              f"parameters, this model has {self.layout.numel}; use 'kfac'")
         self.fisher, self.history, self.block = fisher, history, block
         self.grad_includes_wd = grad_includes_weight_decay
+        self.spill_dir = None if spill_dir is None else os.fspath(spill_dir)
+        if self.spill_dir is not None:
+            os.makedirs(self.spill_dir, exist_ok=True)
         self._params = self.layout.params(model)
         self._weights = [p.detach() for p in self._params]  # views: optimizers update in place
         self._seg_len = max(1, math.ceil(total_steps / self.K)) if (total_steps and self.K) else 1
         self._fixed_len = bool(total_steps)
-        self._closed: list[_Segment] = []
+        self._closed: list[_Closed] = []
         self._open: _Segment | None = None
         self.steps = 0
+        self.train_mode = False  # was the model in train mode at the recorded steps
+        self._optim = None  # (optimizer, adapter, group of each covered param, hook handles)
+        self._group_steps: list[int] = []
+        self._model_bytes = sum(p.numel() * 4 for p in self._params)
+        self.peak_device_bytes = 0
         self._all_w: list = []
         self._all_g: list = []
         self._all_batches: list[torch.Tensor] = []
         self._all_lr: list[float] = []
 
     # ---- during training ----
+    def attach(self, optimizer: torch.optim.Optimizer) -> "Recorder":
+        """Record every step of ``optimizer`` through its step hooks (see the class docstring).
+        Raises UnsupportedTrainingError for unsupported optimizers or settings, or when a covered
+        parameter is not optimised by it. Returns ``self``; ``detach()`` removes the hooks."""
+        from .optimizers import adapter_for
+
+        if self._optim is not None:
+            raise RuntimeError("this Recorder is already attached to an optimizer")
+        if self.steps:
+            raise RuntimeError("attach the Recorder before the first step (rec.step was already called)")
+        if self.history == "all":
+            raise UnsupportedTrainingError("history='all' (DeltaGrad) records the batches by hand: call "
+                                           "rec.step(lr, indices=batch) instead of attach()")
+        adapter = adapter_for(optimizer)
+        where = {id(p): gi for gi, g in enumerate(optimizer.param_groups) for p in g["params"]}
+        missing = [n for n, p in zip(self.layout.names, self._params) if id(p) not in where]
+        if missing:
+            raise UnsupportedTrainingError(
+                f"parameters {missing[:4]} are covered by the Recorder but not optimised by the "
+                "attached optimizer; pass Recorder(params=[...]) with the trained parameters only")
+        group_of = [where[id(p)] for p in self._params]
+        steps = []
+        for g in optimizer.param_groups:  # resume: the optimizer may have stepped already
+            st = [optimizer.state[p].get("step", None) for p in g["params"] if p in optimizer.state]
+            if st and st[0] is not None:
+                steps.append(int(st[0]))
+            elif any("momentum_buffer" in optimizer.state[p] for p in g["params"] if p in optimizer.state):
+                steps.append(1)
+            else:
+                steps.append(0)
+        self._group_steps = steps
+        handles = (optimizer.register_step_pre_hook(self._pre_hook),
+                   optimizer.register_step_post_hook(self._post_hook))
+        self._optim = (optimizer, adapter, group_of, handles)
+        return self
+
+    def detach(self) -> None:
+        """Remove the optimizer hooks (recording stops; finalize still works)."""
+        if self._optim is not None:
+            for h in self._optim[3]:
+                h.remove()
+
+    def _pre_hook(self, opt, args, kwargs):
+        if len(args) > 1 or kwargs.get("closure") is not None:  # args[0] is the optimizer
+            raise UnsupportedTrainingError(
+                f"{type(opt).__name__}.step(closure) re-evaluates the loss inside the step (as LBFGS "
+                "does); its update has no recorded linearisation. Call step() without a closure")
+        _, adapter, group_of, _ = self._optim
+        rules = []
+        for gi, g in enumerate(opt.param_groups):
+            self._group_steps[gi] += 1
+            rules.append(list(adapter.rule(opt, g, self._group_steps[gi]).key()))
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
+        self._record(grads, rules)
+
+    def _post_hook(self, opt, args, kwargs):
+        _, adapter, group_of, _ = self._optim
+        if adapter.preconditioned and self._open is not None and self.K:
+            ds = [adapter.precond(opt, opt.param_groups[gi], p, self._group_steps[gi])
+                  for p, gi in zip(self._params, group_of)]
+            torch._foreach_add_(self._open.dsum, ds)
+        if self._open is not None and self._open.steps >= self._seg_len:
+            self._close()
+
     def step(self, lr: float, indices: torch.Tensor | None = None) -> None:
-        """Record one optimizer step: call after ``loss.backward()`` and before ``opt.step()``."""
+        """Record one plain-SGD step by hand: call after ``loss.backward()`` and before
+        ``opt.step()``. (With ``attach`` the optimizer's hook records instead.)"""
+        if self._optim is not None:
+            raise RuntimeError("this Recorder is attached to an optimizer, which records every step; "
+                               "do not also call rec.step()")
         if any(p.grad is None for p in self._params):
             raise RuntimeError("Recorder.step: a covered parameter has no .grad; call it after "
                                "loss.backward() and before opt.step()/zero_grad()")
-        self.steps += 1
         if self.history == "all":
             self._record_all(lr, indices)
+        self._record([p.grad for p in self._params], [[float(lr)]])
+        if self._open is not None and self._open.steps >= self._seg_len:
+            self._close()
+
+    def _record(self, grads: list[torch.Tensor], rules: list[list]) -> None:
+        self.steps += 1
+        self.train_mode = self.train_mode or self.model.training
         if self.K == 0:
             return
         if self._open is None:
-            self._open = _Segment(self._params)
+            precond = self._optim is not None and self._optim[1].preconditioned
+            self._open = _Segment(self._params, len(rules), precond)
         if self._weights[0].data_ptr() != self._params[0].data_ptr():  # model moved (.to())
             self._weights = [p.detach() for p in self._params]
-        self._open.add(self._params, self._weights, float(lr))
-        if self._open.steps >= self._seg_len:
-            self._closed.append(self._open)
-            self._open = None
-            if not self._fixed_len and len(self._closed) >= 2 * self.K:
-                self._closed = [a.merged(b) for a, b in zip(self._closed[::2], self._closed[1::2])]
-                self._seg_len *= 2
+        self._open.add(grads, self._weights, rules)
+
+    def _close(self) -> None:
+        seg, self._open = self._open, None
+        self._closed.append(self._compress(seg))
+        if not self._fixed_len and len(self._closed) >= 2 * self.K:
+            old = self._closed
+            self._closed = [self._merge(a, b) for a, b in zip(old[::2], old[1::2])]
+            for c in old:
+                c.drop()
+            self._seg_len *= 2
+
+    def _compress(self, seg: _Segment) -> _Closed:
+        comp, on_dev = {}, 0
+        for k, v in seg.flat.items():  # the means, in place, compressed one by one
+            # d = 1/(√v̂ + ε) spans many decades (1/ε where v = 0): blockwise int codes would
+            # zero the small values, so it keeps a floating format
+            fmt = "bf16" if (k == "d" and self.fmt not in ("fp32", "bf16")) else self.fmt
+            comp[k] = _to_cpu(compress(v.div_(seg.steps), fmt, block=self.block))
+            on_dev = max(on_dev, comp[k].data.numel() * comp[k].data.element_size())
+        self.peak_device_bytes = max(self.peak_device_bytes, seg.nbytes() + on_dev + self._closed_device_bytes())
+        return _Closed(comp, seg.steps, seg.runs, self.spill_dir)
+
+    def _closed_device_bytes(self) -> int:
+        dev = self._params[0].device
+        return sum(c.host_nbytes() for c in self._closed) if dev.type == "cpu" else 0
+
+    def _merge(self, a: _Closed, b: _Closed) -> _Closed:
+        va, vb = a.vecs(), b.vecs()
+        n = a.steps + b.steps
+        vecs = {k: compress((decompress(va[k]) * a.steps + decompress(vb[k]) * b.steps) / n, va[k].fmt,
+                            block=self.block) for k in va}
+        runs = [list(map(list, ra)) for ra in a.runs]
+        for ra, rb in zip(runs, b.runs):
+            for r in rb:
+                _add_run(ra, r[:-1], r[-1])
+        return _Closed(vecs, n, runs, self.spill_dir)
+
+    def device_bytes(self) -> int:
+        """Bytes this Recorder holds now on the model's device (open sums + closed segments
+        that live there: on a CPU model without ``spill_dir``, host memory is the device)."""
+        return (self._open.nbytes() if self._open is not None else 0) + self._closed_device_bytes()
 
     def _record_all(self, lr, indices):
-        from .ops import compress
-
         if indices is None:
             raise ValueError("history='all' needs the batch: call step(lr, indices=batch_indices)")
         w = self.layout.flatten(self._params)
@@ -157,26 +355,36 @@ class Recorder:
         self._all_lr.append(float(lr))
 
     # ---- after training ----
-    def finalize(self, train_data, loss_fn, weight_decay: float = 0.0, *, batch_size: int = 512,
+    def finalize(self, train_data, loss_fn, weight_decay: float | None = None, *, batch_size: int = 512,
                  progress: bool = True, device=None, exact_checkpoint_grads: bool = False,
                  segment_spectra: int = 0) -> GradientLog:
         """Anchor + curvature pass over ``train_data`` (X, y tensors, Dataset or DataLoader);
         ``loss_fn(outputs, targets)`` is the mean loss. Returns the log.
 
+        ``weight_decay``: λ of the training objective F = L + (λ/2)‖w‖² (one-shot and refresh
+        solve it; the trajectory uses the recorded optimizer's own decay). Default: the attached
+        optimizer's coupled weight decay when all its groups share one, else 0.
+        ``device``: where the passes run (default: the model's device).
+        The passes see the model in the mode training computed its gradients in (train mode:
+        batch statistics), without changing its buffers.
+
         ``exact_checkpoint_grads=True`` replaces each segment's mean minibatch gradient by the
         full-data gradient at the segment's mean weights (K extra passes over the data): a
-        study option; the segment means are free and measured as good (benchmarks/study_trajectory.py).
-        ``segment_spectra=m`` (> 0) also stores each segment's curvature spectra, projected into the
-        final K-FAC eigenbasis, from m training samples at the segment's mean weights."""
-        model, layout, lam = self.model, self.layout, float(weight_decay)
+        study option. ``segment_spectra=m`` (> 0) also stores each segment's curvature spectra,
+        projected into the final K-FAC eigenbasis, from m training samples at its mean weights."""
+        model, layout = self.model, self.layout
+        if device is None:
+            device = self._params[0].device
+        lam = self._default_decay() if weight_decay is None else float(weight_decay)
         n = _batches.count(train_data)
         blocks, diag_names = kron_blocks(model, layout)
         exact = self.curvature == "exact"
+        mode_kw = _mode_kwargs(self.train_mode)
         bar = tqdm(total=n, desc="mini_unlearn: anchor + curvature pass", disable=not progress, leave=False)
         try:
             sums = data_pass(model, layout, train_data, loss_fn, curvature=not exact, blocks=blocks,
                              diag_names=diag_names, fisher=self.fisher, batch_size=batch_size,
-                             device=device, progress=bar)
+                             device=device, progress=bar, **mode_kw)
         finally:
             bar.close()
         log = GradientLog.for_model(model, params=layout.names, fmt=self.fmt, block=self.block)
@@ -186,7 +394,12 @@ class Recorder:
         meta = log.meta
         meta.update(n_train=n, weight_decay=lam, loss_reduction="mean", anchor_loss=sums.loss / n,
                     curvature=self.curvature, fisher=self.fisher, history=self.history,
-                    steps_recorded=self.steps, grad_includes_weight_decay=self.grad_includes_wd)
+                    steps_recorded=self.steps, grad_includes_weight_decay=self.grad_includes_wd,
+                    train_mode=bool(self.train_mode))
+        if self._optim is not None:
+            opt, adapter, group_of, _ = self._optim
+            meta["optimizer"] = {"name": type(opt).__name__, "preconditioned": adapter.preconditioned,
+                                 "group_of": dict(zip(layout.names, group_of))}
         if exact:
             log.put("hessian", dense_hessian(model, layout, train_data, loss_fn, batch_size, device) / n,
                     exact=True)
@@ -213,25 +426,47 @@ class Recorder:
         log.train_data = train_data  # in memory only: lets unlearn(indices=...) find the rows
         return log
 
+    def _default_decay(self) -> float:
+        if self._optim is None or not self._open and not self._closed:
+            return 0.0
+        seg = self._open if self._open is not None and self._open.steps else self._closed[-1]
+        lams = {runs[-1][3] for runs in seg.runs if runs}
+        return float(lams.pop()) if len(lams) == 1 else 0.0
+
     def _finalize_segments(self, log: GradientLog, w_a: torch.Tensor, lam: float, exact=None) -> None:
-        segs = self._closed + ([self._open] if self._open is not None and self._open.steps else [])
+        segs = list(self._closed)
+        if self._open is not None and self._open.steps:
+            segs.append(self._compress(self._open))
+            self._open = None
+            self._closed = list(segs)
         while self.K and len(segs) > self.K:  # thin to at most K
-            segs = [a.merged(b) for a, b in zip(segs[::2], segs[1::2])] + (segs[-1:] if len(segs) % 2 else [])
+            segs = [self._merge(a, b) for a, b in zip(segs[::2], segs[1::2])] + (segs[-1:] if len(segs) % 2 else [])
+        self._closed = segs
         info = []
         for seg in segs:
-            g = self.layout.flatten(seg.gsum) / seg.steps
-            w = self.layout.flatten(seg.wsum) / seg.steps
-            if self.grad_includes_wd:
-                g = g - lam * w  # the mean of (∇L + λw) over the segment, minus λ·mean(w)
-            if exact is not None:  # the full-data gradient at the segment's mean weights
-                data, loss_fn, bs, dev = exact
-                self.layout.set(self.model, w)
-                s = data_pass(self.model, self.layout, data, loss_fn, batch_size=bs, device=dev)
-                g = s.grad / s.n
-                self.layout.set(self.model, w_a)
+            v = seg.vecs()
+            g = v["grad"]
+            if self.grad_includes_wd or exact is not None:
+                w = decompress(v["w"]).to(w_a.device)
+                gd = decompress(g).to(w_a.device)
+                if self.grad_includes_wd:
+                    gd = gd - lam * w  # the mean of (∇L + λw) over the segment, minus λ·mean(w)
+                if exact is not None:  # the full-data gradient at the segment's mean weights
+                    data, loss_fn, bs, dev = exact
+                    self.layout.set(self.model, w)
+                    s = data_pass(self.model, self.layout, data, loss_fn, batch_size=bs, device=dev,
+                                  **_mode_kwargs(self.train_mode))
+                    gd = s.grad / s.n
+                    self.layout.set(self.model, w_a)
+                g = gd
             log.append_row("ckpt/grad", g)
-            log.append_row("ckpt/wdiff", w - w_a)
-            info.append({"steps": seg.steps, "lr_runs": seg.compact_runs()})
+            log.append_row("ckpt/w", v["w"])
+            if "d" in v:
+                log.append_row("ckpt/d", v["d"])
+            if self._optim is None:
+                info.append({"steps": seg.steps, "lr_runs": _compact(seg.runs[0], seg.steps)})
+            else:
+                info.append({"steps": seg.steps, "groups": [_compact(r, seg.steps) for r in seg.runs]})
         log.meta["segments"] = info
 
     def _segment_spectra(self, log, blocks, diag_names, w_a, data, loss_fn, m, batch_size, device):
@@ -241,10 +476,11 @@ class Recorder:
         n = _batches.count(data)
         sub = _batches.subset(data, torch.randperm(n, generator=torch.Generator().manual_seed(0))[:m]) \
             if m < n else data
-        for k in range(log.num_rows("ckpt/wdiff")):
-            self.layout.set(self.model, w_a + log.row("ckpt/wdiff", k).to(w_a.device))
+        for k in range(len(log.meta["segments"])):
+            self.layout.set(self.model, segment_weights(log, k, w_a))
             sums = data_pass(self.model, self.layout, sub, loss_fn, curvature=True, blocks=blocks,
-                             diag_names=diag_names, fisher=self.fisher, batch_size=batch_size, device=device)
+                             diag_names=diag_names, fisher=self.fisher, batch_size=batch_size, device=device,
+                             **_mode_kwargs(self.train_mode))
             for b in blocks:
                 for side in ("A", "G"):
                     U = log.get(f"kfac/{b.module}/U_{side}").to(sums.A[b.module].device)
@@ -263,3 +499,17 @@ class Recorder:
         log.put("all/batch_sizes", torch.tensor([len(b) for b in self._all_batches]), exact=True)
         log.put("all/batch_indices", torch.cat(self._all_batches), exact=True)
         log.put("all/lr", torch.tensor(self._all_lr), exact=True)
+
+
+def segment_weights(log: GradientLog, k: int, w_a: torch.Tensor) -> torch.Tensor:
+    """Segment k's mean weights (logs store them as ``ckpt/w``; older ones as ``ckpt/wdiff``)."""
+    if "ckpt/w" in log.row_lists:
+        return log.row("ckpt/w", k).to(w_a.device)
+    return w_a + log.row("ckpt/wdiff", k).to(w_a.device)
+
+
+def _mode_kwargs(train_mode: bool) -> dict:
+    """``train_mode=`` for data passes that accept it (the layers' mode during training)."""
+    import inspect
+
+    return {"train_mode": bool(train_mode)} if "train_mode" in inspect.signature(data_pass).parameters else {}

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from . import _batches
-from .errors import ForgetSetError, LogMismatchError
+from .errors import ForgetSetError, LogMismatchError, NonFiniteError
 from .methods import METHODS
 
 
@@ -65,13 +65,14 @@ def _check_forget(forget, model: nn.Module, n: int) -> int:
         if X.device != p.device or y.device != p.device:
             raise ForgetSetError(f"forget tensors are on {X.device}/{y.device} but the model is on "
                                  f"{p.device}; move them with .to(device)")
-        if not X.is_floating_point():
-            raise ForgetSetError(f"forget X must be floating point, got {X.dtype}")
-        if not torch.isfinite(X).all():
+        if X.is_floating_point() and not torch.isfinite(X).all():
             raise ForgetSetError("forget X contains NaN/Inf")
+        if X.is_complex() or X.dtype == torch.bool:
+            raise ForgetSetError(f"forget X must be real floating point or integer (token ids), got {X.dtype}")
+        probe = copy.deepcopy(model).eval()  # never run the caller's model: BatchNorm would update
         try:
             with torch.no_grad():
-                model(X[:1])
+                probe(X[:1])
         except Exception as exc:  # wrong feature shape/dtype for this model
             raise ForgetSetError(f"the model cannot run on the forget samples (X shape "
                                  f"{tuple(X.shape)}, dtype {X.dtype}): {exc}") from exc
@@ -87,7 +88,7 @@ def _check_forget(forget, model: nn.Module, n: int) -> int:
 def unlearn(model: nn.Module, log, forget=None, *, loss_fn, method: str = "mini", mode: str = "auto",
             retain=None, indices=None, train_data=None, max_passes: int = 8, tol: float = 1e-6,
             in_place: bool = False, batch_size: int = 512, progress: bool = False,
-            **method_kwargs) -> UnlearnResult:
+            recalibrate: bool = True, **method_kwargs) -> UnlearnResult:
     """Remove the influence of ``forget`` from ``model`` using the recorded ``log``.
 
     Args:
@@ -103,8 +104,16 @@ def unlearn(model: nn.Module, log, forget=None, *, loss_fn, method: str = "mini"
         mode: for "mini": "auto", "oneshot", "trajectory" or "refresh".
         retain: the retained data (refresh mode and some baselines).
         max_passes: refresh's budget of retained passes; tol: its stopping rule ‖∇F_R‖ ≤ tol·‖g0‖.
-        in_place: write the result into ``model``; otherwise ``model`` is never modified (and
-            never on failure).
+        in_place: write the result into ``model`` (parameters and buffers); otherwise ``model``
+            is never modified (and never on failure: every check runs before anything is written).
+        recalibrate: models with BatchNorm running statistics: recompute them on ``retain`` with a
+            forward-only pass when it is given; otherwise the original's statistics are kept
+            (``result.info["norm_stats"]`` says which).
+        **method_kwargs: passed to the method (e.g. ``unstable="clip"`` for "mini").
+
+    Every result is checked: finite parameters and buffers, and (trajectory) a training map that
+    contracts in every direction under the recorded optimizer; anything else raises a typed
+    error and leaves ``model`` untouched.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(sorted(METHODS))}")
@@ -134,16 +143,38 @@ def unlearn(model: nn.Module, log, forget=None, *, loss_fn, method: str = "mini"
     out = METHODS[method](work, log, forget, loss_fn, mode=mode, retain=retain, r=r,
                           max_passes=max_passes, tol=tol, batch_size=batch_size, device=device,
                           progress=progress, **extra, **method_kwargs)
+    _check_result(work, model)
+    if recalibrate and retain is not None and _has_running_stats(work):
+        from .curvature import recalibrate_norm_stats
+
+        recalibrate_norm_stats(work, retain, batch_size=batch_size, device=device)
+        out.setdefault("norm_stats", "recalibrated on retain")
+    elif _has_running_stats(work):
+        out.setdefault("norm_stats", "kept from the original model (pass retain= to recalibrate)")
     seconds = time.perf_counter() - t0
     if in_place:
         with torch.no_grad():
             for dst, src in zip(model.parameters(), work.parameters()):
+                dst.copy_(src)
+            for dst, src in zip(model.buffers(), work.buffers()):
                 dst.copy_(src)
         work = model
     info = {k: v for k, v in out.items() if k not in ("mode", "passes", "grad_evals", "certificate", "verified")}
     return UnlearnResult(work, method, out.get("mode"), int(out.get("passes", 0)),
                          int(out.get("grad_evals", 0)), out.get("certificate"),
                          bool(out.get("verified", False)), seconds, int(log.nbytes()), info)
+
+
+def _has_running_stats(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats for m in model.modules())
+
+
+def _check_result(work: nn.Module, model: nn.Module) -> None:
+    """The unlearned copy must be finite (parameters and floating buffers)."""
+    for name, t in list(work.named_parameters()) + list(work.named_buffers()):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise NonFiniteError(f"the unlearned model has NaN/Inf in {name!r}; the caller's model was not "
+                                 "changed. Check the log and the forget set, or try another mode/method")
 
 
 def _accepted(fn, **kwargs) -> dict:
