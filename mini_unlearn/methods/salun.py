@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import _batches
 from . import _train_utils as U
 
 LR = 0.013
@@ -41,21 +42,25 @@ def saliency_mask(model: nn.Module, forget, loss_fn, *, threshold: float = THRES
     """SalUn's weight-saliency mask: 1 where ``|∇ L_forget|`` is in the top ``threshold``
     fraction over all trainable weights, else 0 (one bool tensor per trainable parameter).
 
-    The gradient is the sum over forget batches of the batch-mean loss's gradient (as their
-    ``generate_mask.py`` accumulates it); the model's train/eval flag and ``.grad`` are left as
-    they were.
+    The gradient is that of the mean cross-entropy over the whole forget set (accumulated in
+    batches of ``batch_size``, weighted by their sizes, so the mask does not depend on the
+    batching; their ``generate_mask.py`` sums batch means, the same up to the last batch's
+    weight, and the top-k cut is scale-free). The model's train/eval flag is restored and
+    ``.grad`` is not touched.
     """
     threshold = float(threshold)
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"saliency threshold must be in (0, 1], got {threshold}")
     params = U.params(model)
     acc = [torch.zeros_like(p) for p in params]
+    n = U.check_data(forget, "forget", "salun")
     was = model.training
     model.eval()
     try:
         with torch.enable_grad():
-            for xb, yb in U.Shuffled(forget, batch_size, device, torch.Generator().manual_seed(0)):
-                grads = torch.autograd.grad(loss_fn(model(xb), yb), params)
+            for xb, yb in _batches.batches(forget, batch_size, device):
+                w = xb.shape[0] / n
+                grads = torch.autograd.grad(loss_fn(model(xb), yb) * w, params)
                 for a, g in zip(acc, grads):
                     a.add_(g)
     finally:
