@@ -402,7 +402,7 @@ def format_markdown(sweep: dict) -> str:
         out.append("| method | " + " | ".join(h for _, h, _, _ in cols) + " |")
         out.append("|---|" + "---:|" * len(cols))
         best = (agg.get("best") or {}).get("method")
-        for name, m in agg["methods"].items():
+        for name, m in [("original (no unlearning)", agg["original"])] + list(agg["methods"].items()):
             if "skipped" in m:
                 continue
             cells = []
@@ -418,7 +418,8 @@ def format_markdown(sweep: dict) -> str:
 
 def plot_sweep(sweep: dict, path: str) -> None:
     """Avg.Gap (y) against speed-up over retraining (log x), one panel per forget ratio, one
-    marker per method, error bars = std over seeds; the dashed line is retraining's noise floor."""
+    marker per method, error bars = std over seeds; the dashed line is retraining's noise floor,
+    the dotted one the untouched original's Avg.Gap (doing nothing)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -441,6 +442,9 @@ def plot_sweep(sweep: dict, path: str) -> None:
         nf = agg["retrain_noise_floor"].get("avg_gap")
         if nf:
             ax.axhline(nf["mean"], ls="--", color="gray", lw=1, label="retrain noise floor")
+        og = agg["original"].get("avg_gap")
+        if og:
+            ax.axhline(og["mean"], ls=":", color="black", lw=1, label="original (no unlearning)")
         ax.set_xscale("log")
         ax.set_xlabel("speed-up over retraining (×, log)")
         ax.set_ylabel("Avg.Gap to retraining (points)")
