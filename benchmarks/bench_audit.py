@@ -48,7 +48,7 @@ def vmap_vs_loop(data: str, model: str, shadows: int, repeats: int, epochs: int 
             best = min(best, sec)
         out[f"{how}_seconds"] = best
         models[how] = ms
-    diff = max(float((p - q).abs().max()) for a, b in zip(models["vmap"], models["loop"])
+    diff = max(float((p - q).detach().abs().max()) for a, b in zip(models["vmap"], models["loop"])
                for p, q in zip(a.parameters(), b.parameters()))
     return {"data": data, "model": model, "shadows": shadows, "train_rows": int(rows[0].numel()),
             "epochs": base.epochs, "steps": len(M.batch_schedule(int(rows[0].numel()), base)),
