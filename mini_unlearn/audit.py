@@ -36,14 +36,15 @@ Training the shadows: for SGD recipes all ``N`` shadows take their steps togethe
 ``torch.func.vmap`` over stacked parameters (same recipe, each shadow its own batch order and
 initialisation; the batches have equal sizes because every shadow trains on exactly half the
 pool), or one after the other with ``models.train`` (``train="loop"``). Both follow the same
-batch sequences (they agree to float rounding). Measured with ``python -m benchmarks.bench_audit
---json benchmarks/results/bench_audit.json --full --shadows 16 --threads 1`` (16 shadows, SGD
-recipe, 20 epochs, one thread, on the shared 2-core machine): vmap is 2.4× faster for logistic
-regression on digits (1.2 s against 3.0 s), 2.0× for the MLP on digits (2.3 s against 4.5 s),
-and no faster for the MLP on MNIST-5k (23.5 s against 22.5 s: large matrix products are
-compute-bound either way). ``train="auto"`` therefore takes vmap for SGD recipes on models of at
-most :data:`VMAP_MAX_PARAMS` parameters and the loop otherwise. L-BFGS recipes always train one
-after the other.
+batch sequences (they agree to float rounding: 1e-7 after 240 steps, 4e-3 on the MNIST MLP
+after 640). Measured with ``python -m benchmarks.bench_audit --json
+benchmarks/results/bench_audit.json --full --shadows 16 --threads 1`` (16 shadows, SGD recipe,
+20 epochs, one thread, on the shared and busy 2-core machine; two runs): vmap is 2.4-2.8×
+faster for logistic regression on digits (1.2-1.3 s against 3.0-3.5 s), 2.0× for the MLP on
+digits (2.3-2.4 s against 4.5-4.7 s), and 0.96-1.3× for the MLP on MNIST-5k (19.8-23.5 s
+against 22.5-26.1 s: large matrix products are compute-bound either way). ``train="auto"``
+therefore takes vmap for every SGD recipe (unless Mini-Unlearning is audited, see above).
+L-BFGS recipes always train one after the other.
 """
 from __future__ import annotations
 
@@ -65,8 +66,6 @@ __all__ = ["AuditConfig", "run_audit", "train_shadows", "lira_scores", "ulira_at
 
 #: Trajectory checkpoints recorded per shadow when Mini-Unlearning is audited (as ``run``'s K).
 RECORD_CHECKPOINTS = 10
-#: ``train="auto"`` uses vmap up to this many parameters per model (see the module docstring).
-VMAP_MAX_PARAMS = 50_000
 #: Per-example variances need this many shadows in each group (else pooled variances).
 PER_EXAMPLE_VARIANCE_MIN = 16
 #: Methods the audit accepts: every unlearning method but the ones needing a recorded
@@ -168,7 +167,9 @@ def assign(n_pool: int, targets: Tensor, shadows: int, seed: int) -> Tensor:
     return inside
 
 
-def _loss_with_decay(base: nn.Module, wd: float):
+def _batch_loss(base: nn.Module):
+    """``(params, xb, yb) -> mean cross-entropy`` of ``base`` run with ``params`` (weight decay
+    is added in the update, as plain SGD's ``weight_decay`` does)."""
     from torch.func import functional_call
 
     def loss(params: dict, xb: Tensor, yb: Tensor) -> Tensor:
@@ -200,7 +201,7 @@ def _train_vmap(models: list[nn.Module], X: Tensor, y: Tensor, rows: list[Tensor
     Xc, yc = X.to(dtype), y.to(torch.long)
     scheds = [M.batch_schedule(n, r) for r in recipes]
     spe = M.steps_per_epoch(n, rec0)
-    g_fn = vmap(grad(_loss_with_decay(base, rec0.weight_decay)), in_dims=(0, 0, 0))
+    g_fn = vmap(grad(_batch_loss(base)), in_dims=(0, 0, 0))
     wd = float(rec0.weight_decay)
     rows_stacked = torch.stack(rows)  # [S, n]
     steps = range(len(scheds[0]))
@@ -229,8 +230,7 @@ def train_shadows(make: list, X: Tensor, y: Tensor, rows: list[Tensor], recipes:
     (recording for Mini-Unlearning's trajectory mode); it forces the loop.
 
     ``how``: ``"vmap"`` (all at once, SGD recipes only), ``"loop"`` (``models.train`` one after
-    the other) or ``"auto"`` (vmap for SGD recipes on models of at most
-    :data:`VMAP_MAX_PARAMS` parameters, where it measured faster).
+    the other) or ``"auto"`` (vmap for SGD recipes, where it measured as fast or faster).
     """
     sgd = recipes[0].name == "sgd"
     if how == "vmap" and not sgd:
@@ -240,8 +240,7 @@ def train_shadows(make: list, X: Tensor, y: Tensor, rows: list[Tensor], recipes:
     if callbacks is not None:
         how = "loop"
     if how == "auto":
-        n_params = sum(p.numel() for p in models[0].parameters())
-        how = "vmap" if (sgd and n_params <= VMAP_MAX_PARAMS) else "loop"
+        how = "vmap" if sgd else "loop"
     M._warm_up_optim()
     t0 = time.perf_counter()
     if how == "vmap":
