@@ -11,10 +11,17 @@ Data arguments ``forget``, ``retain``, ``test`` are ``(X, y)`` tuples of tensors
     mean accuracy over 10 stratified 70/30 splits: **0.5 is ideal** (indistinguishable, as after
     retraining when forget and test are drawn alike); higher means the forget set still looks
     like training data.
-  * :func:`mia_efficacy` (SalUn's MIA-Efficacy): an attacker trained on retain (members) vs test
-    (non-members) using output-probability features, then applied to the forget set; the
-    fraction of forget samples it calls non-members. Higher means more forgetting; a retrained
-    model is the target value, not 1.
+  * :func:`mia_efficacy_svc` (SalUn's MIA-Efficacy, exactly as Fan et al.'s code defines it:
+    ``SVC(C=3, kernel="rbf", gamma="auto")`` on one feature, the softmax probability of the true
+    class, trained on retain (members, 1) against test (non-members, 0), balanced; applied to
+    the forget set: the fraction predicted non-member) and :func:`mia_efficacy` (the same
+    protocol with a standardised logistic regression on four features: true-class probability
+    and its log, entropy, modified entropy). Higher means more forgetting; a retrained model is
+    the target value, not 1. JSON keys: ``mia_efficacy_svc`` and ``mia_efficacy_4feat``.
+
+- SalUn's summary (Fan et al., ICLR 2024): UA = 1 − forget accuracy, RA = retain accuracy,
+  TA = test accuracy, MIA-Efficacy (the SVC one) and :func:`avg_gap`, the mean ``|Δ|`` to
+  retraining over those four, in percentage points. RTE is the method's wall-clock seconds.
 """
 from __future__ import annotations
 
@@ -27,7 +34,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["accuracy", "per_sample_loss", "predict_proba", "predict_log_proba", "mia_loss",
-           "mia_entropy", "mia_efficacy", "param_distance", "kl_to", "evaluate", "peak_rss_bytes"]
+           "mia_entropy", "mia_efficacy", "mia_efficacy_svc", "svc_efficacy_from_confidence",
+           "true_class_confidence", "avg_gap", "SALUN_KEYS", "param_distance", "kl_to", "evaluate", "peak_rss_bytes"]
 
 XY = tuple[Tensor, Tensor]
 _CHUNK = 8192
@@ -133,7 +141,9 @@ def _efficacy_features(model: nn.Module, X: Tensor, y: Tensor) -> np.ndarray:
 
 
 def mia_efficacy(model: nn.Module, forget: XY, retain: XY, test: XY, seed: int = 0) -> float:
-    """SalUn's MIA-Efficacy: fraction of forget samples an attacker calls non-members.
+    """MIA-Efficacy, 4-feature variant: fraction of forget samples an attacker calls non-members.
+
+    SalUn's protocol with a richer attacker (SalUn's own is :func:`mia_efficacy_svc`).
 
     The attacker (standardised logistic regression on output-probability features: true-class
     probability and its log, entropy, modified entropy) is trained on retain (members, 1) vs
@@ -160,6 +170,74 @@ def mia_efficacy(model: nn.Module, forget: XY, retain: XY, test: XY, seed: int =
     clf.fit(Xa, ya)
     pred = clf.predict(np.nan_to_num(ff, nan=0.0, posinf=1e6, neginf=-1e6))
     return float((pred == 0).mean())
+
+
+def true_class_confidence(model: nn.Module, X: Tensor, y: Tensor) -> np.ndarray:
+    """Softmax probability of the true class of every sample, ``[n]`` float64."""
+    p = predict_proba(model, X).double()
+    return p.gather(1, y.to(torch.long).reshape(-1, 1)).reshape(-1).numpy()
+
+
+def svc_efficacy_from_confidence(member: np.ndarray, non_member: np.ndarray,
+                                 target: np.ndarray) -> float:
+    """SalUn's SVC attack on precomputed one-dimensional features.
+
+    Fits ``sklearn.svm.SVC(C=3, kernel="rbf", gamma="auto")`` on ``member`` (label 1) and
+    ``non_member`` (label 0) and returns the fraction of ``target`` predicted 0 (non-member).
+    The caller balances the two training sets (:func:`mia_efficacy_svc` does).
+    """
+    from sklearn.svm import SVC
+
+    member = np.asarray(member, dtype=np.float64).reshape(-1, 1)
+    non_member = np.asarray(non_member, dtype=np.float64).reshape(-1, 1)
+    target = np.asarray(target, dtype=np.float64).reshape(-1, 1)
+    if len(member) < 1 or len(non_member) < 1:
+        raise ValueError(f"the SVC attack needs members and non-members, got {len(member)} and "
+                         f"{len(non_member)}")
+    if len(target) == 0:
+        raise ValueError("the SVC attack needs a non-empty target set")
+    X = np.concatenate([member, non_member])
+    y = np.concatenate([np.ones(len(member), dtype=np.int64), np.zeros(len(non_member), dtype=np.int64)])
+    clf = SVC(C=3, kernel="rbf", gamma="auto")
+    clf.fit(X, y)
+    return float((clf.predict(target) == 0).mean())
+
+
+def mia_efficacy_svc(model: nn.Module, forget: XY, retain: XY, test: XY, seed: int = 0) -> float:
+    """SalUn's MIA-Efficacy (Fan et al., ICLR 2024, their ``SVC_MIA`` "confidence" entry).
+
+    Feature: the softmax probability of the true class. Attacker: ``SVC(C=3, kernel="rbf",
+    gamma="auto")`` trained on retain samples (members) against test samples (non-members),
+    balanced: the larger of the two sets is cut to the size of the smaller by a seeded random
+    subset (their code takes the first ``len(test)`` retain samples; ours are in random order
+    anyway). Returns the fraction of forget samples it predicts as non-members.
+    """
+    cr = true_class_confidence(model, *retain)
+    ct = true_class_confidence(model, *test)
+    cf = true_class_confidence(model, *forget)
+    if len(cf) == 0:
+        raise ValueError("mia_efficacy_svc needs a non-empty forget set")
+    rng = np.random.default_rng(seed)
+    m = min(len(cr), len(ct))
+    if m < 2:
+        raise ValueError(f"mia_efficacy_svc needs at least 2 retain and 2 test samples, got "
+                         f"{len(cr)}, {len(ct)}")
+    cr = cr[rng.choice(len(cr), m, replace=False)] if len(cr) > m else cr
+    ct = ct[rng.choice(len(ct), m, replace=False)] if len(ct) > m else ct
+    return svc_efficacy_from_confidence(cr, ct, cf)
+
+
+#: SalUn's four compared metrics (fractions in the JSON), in the order of their tables.
+SALUN_KEYS = ("ua", "retain_acc", "test_acc", "mia_efficacy_svc")
+
+
+def avg_gap(metrics: dict, reference: dict) -> float:
+    """SalUn's Avg.Gap: mean ``|Δ|`` to retraining over UA, RA, TA and MIA-Efficacy (SVC), in
+    percentage points (metrics given as fractions, as :func:`evaluate` returns them)."""
+    missing = [k for k in SALUN_KEYS if k not in metrics or k not in reference]
+    if missing:
+        raise KeyError(f"avg_gap needs {', '.join(SALUN_KEYS)}; missing {', '.join(missing)}")
+    return float(100.0 * np.mean([abs(float(metrics[k]) - float(reference[k])) for k in SALUN_KEYS]))
 
 
 def _flat_params(model: nn.Module) -> Tensor:
@@ -196,20 +274,25 @@ def evaluate(model: nn.Module, forget: XY, retain: XY, test: XY, reference: nn.M
              peak_rss_bytes: int | None = None, seed: int = 0) -> dict[str, float]:
     """All metrics of one (unlearned) model as plain floats (JSON-able).
 
-    Always: ``test_acc``, ``retain_acc``, ``forget_acc``, ``mia_loss``, ``mia_entropy``,
-    ``mia_efficacy``. With a ``reference`` (the retrained model): ``l2_to_retrain``
+    Always: ``test_acc`` (SalUn's TA), ``retain_acc`` (RA), ``forget_acc`` and ``ua``
+    (= 1 − forget accuracy), ``mia_loss``, ``mia_entropy``, ``mia_efficacy_svc`` (SalUn's
+    MIA-Efficacy) and ``mia_efficacy_4feat`` (the 4-feature logistic-regression variant).
+    With a ``reference`` (the retrained model): ``l2_to_retrain``
     (``||w - w_ref||``), ``kl_to_retrain`` (mean ``KL(ref || model)`` on the test set) and
     ``kl_to_retrain_forget`` (on the forget set); with ``original`` too: ``rel_l2_to_retrain``
     = ``||w - w_ref|| / ||w_original - w_ref||`` (``nan`` if the original equals the reference).
     ``seconds`` and ``peak_rss_bytes`` are copied in when given.
     """
+    forget_acc = accuracy(model, *forget)
     out: dict[str, float] = {
         "test_acc": accuracy(model, *test),
         "retain_acc": accuracy(model, *retain),
-        "forget_acc": accuracy(model, *forget),
+        "forget_acc": forget_acc,
+        "ua": 1.0 - forget_acc,
         "mia_loss": mia_loss(model, forget, test, seed=seed),
         "mia_entropy": mia_entropy(model, forget, test, seed=seed),
-        "mia_efficacy": mia_efficacy(model, forget, retain, test, seed=seed),
+        "mia_efficacy_svc": mia_efficacy_svc(model, forget, retain, test, seed=seed),
+        "mia_efficacy_4feat": mia_efficacy(model, forget, retain, test, seed=seed),
     }
     if reference is not None:
         d = param_distance(model, reference)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from mini_unlearn.cli import main
-from mini_unlearn.experiment import Config, format_table, run_experiment
+from mini_unlearn.experiment import ALL_METHODS, Config, format_table, run_experiment
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +16,8 @@ def logreg_run():
 def test_logreg_lbfgs_run(logreg_run):
     res = logreg_run
     ms = res["methods"]
-    assert set(ms) == {"mini", "mini_refresh", "deltagrad", "nabla_tau", "retrain", "finetune", "neggrad"}
+    assert set(ms) == set(ALL_METHODS) >= {"mini", "mini_refresh", "deltagrad", "nabla_tau", "retrain",
+                                           "finetune", "neggrad", "salun", "scrub", "rl", "ga"}
     assert "skipped" in ms["deltagrad"] and "sgd" in ms["deltagrad"]["skipped"]
     floor = res["retrain_noise_floor"]["rel_l2"]
     assert ms["mini_refresh"]["rel_l2_to_retrain"] <= max(0.05, floor)
@@ -26,8 +27,10 @@ def test_logreg_lbfgs_run(logreg_run):
     for m in ms.values():
         if "skipped" not in m:
             assert 0.0 <= m["mia_loss"] <= 1.0 and m["seconds"] > 0
+            assert 0.0 <= m["mia_efficacy_svc"] <= 1.0 and m["avg_gap"] >= 0.0
+    assert ms["retrain"]["avg_gap"] == 0.0 and ms["retrain"]["speedup"] == 1.0
     table = format_table(res)
-    assert "mini_refresh" in table and "noise floor" in table
+    assert "mini_refresh" in table and "noise floor" in table and "Avg.Gap" in table
     json.dumps(res)  # JSON-able
 
 

@@ -8,8 +8,13 @@ import pytest
 import torch
 
 from mini_unlearn.data import load_dataset
-from mini_unlearn.evaluate import (accuracy, evaluate, kl_to, mia_efficacy, mia_entropy, mia_loss,
-                                   param_distance, peak_rss_bytes, per_sample_loss, predict_proba)
+import numpy as np
+from torch import nn
+
+from mini_unlearn.evaluate import (accuracy, avg_gap, evaluate, kl_to, mia_efficacy,
+                                   mia_efficacy_svc, mia_entropy, mia_loss, param_distance,
+                                   peak_rss_bytes, per_sample_loss, predict_proba,
+                                   svc_efficacy_from_confidence, true_class_confidence)
 from mini_unlearn.models import Recipe, default_recipe, make_model, train
 
 
@@ -98,7 +103,8 @@ def test_distances(fitted):
 def test_evaluate_keys_and_json(digits, memorised):
     original, retrained, forget, retain = memorised
     test = (digits.X_test, digits.y_test)
-    base = {"test_acc", "retain_acc", "forget_acc", "mia_loss", "mia_entropy", "mia_efficacy"}
+    base = {"test_acc", "retain_acc", "forget_acc", "ua", "mia_loss", "mia_entropy",
+            "mia_efficacy_svc", "mia_efficacy_4feat"}
     out = evaluate(original, forget, retain, test)
     assert set(out) == base
     out = evaluate(original, forget, retain, test, reference=retrained, original=original,
@@ -112,3 +118,78 @@ def test_evaluate_keys_and_json(digits, memorised):
     same = evaluate(retrained, forget, retain, test, reference=retrained, original=original)
     assert same["l2_to_retrain"] == 0.0 and same["rel_l2_to_retrain"] == 0.0
     assert same["kl_to_retrain"] == pytest.approx(0.0, abs=1e-7)
+
+
+def _confidence_model():
+    """Two classes, logits (x0, 0): the class-0 probability of input (a, ·) is sigmoid(a)."""
+    m = nn.Linear(2, 2)
+    with torch.no_grad():
+        m.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+        m.bias.zero_()
+    return m
+
+
+def _inputs(conf):
+    """Inputs whose true class 0 gets probability ``conf`` under :func:`_confidence_model`."""
+    c = torch.tensor(conf, dtype=torch.float64)
+    a = torch.log(c) - torch.log1p(-c)
+    X = torch.stack([a, torch.zeros_like(a)], 1).float()
+    return X, torch.zeros(len(conf), dtype=torch.long)
+
+
+def test_svc_efficacy_hand_computed():
+    # Members sit near confidence 1, non-members near 0.1: with C=3, an RBF kernel of gamma
+    # 1/n_features = 1, the boundary lies between the clusters, so forget samples at 0.97 and
+    # 0.99 are members and those at 0.12 and 0.08 non-members: efficacy 2/4.
+    members = [0.90, 0.95, 0.99, 0.92, 0.97, 0.93]
+    non_members = [0.10, 0.20, 0.05, 0.15, 0.12, 0.08]
+    forget = [0.97, 0.12, 0.08, 0.99]
+    assert svc_efficacy_from_confidence(np.array(members), np.array(non_members),
+                                        np.array(forget)) == 0.5
+    assert svc_efficacy_from_confidence(members, non_members, [0.02, 0.03, 0.96]) == pytest.approx(2 / 3)
+    # Through a model whose true-class confidences are exactly these: retain holds twice as
+    # many samples as test; the balanced subsample keeps the verdict.
+    model = _confidence_model()
+    retain = _inputs(members + members)
+    test = _inputs(non_members)
+    f = _inputs(forget)
+    assert true_class_confidence(model, *f) == pytest.approx(forget, abs=1e-6)
+    assert mia_efficacy_svc(model, f, retain, test, seed=0) == 0.5
+    with pytest.raises(ValueError):
+        svc_efficacy_from_confidence(members, non_members, [])
+
+
+def test_svc_efficacy_uses_salun_svc(monkeypatch):
+    import sklearn.svm
+
+    seen = {}
+    real = sklearn.svm.SVC
+
+    def spy(**kw):
+        seen.update(kw)
+        return real(**kw)
+
+    monkeypatch.setattr(sklearn.svm, "SVC", spy)
+    svc_efficacy_from_confidence([0.9, 0.8], [0.1, 0.2], [0.5])
+    assert seen == {"C": 3, "kernel": "rbf", "gamma": "auto"}
+
+
+def test_avg_gap_hand_computed():
+    ref = {"ua": 0.05, "retain_acc": 1.0, "test_acc": 0.90, "mia_efficacy_svc": 0.10}
+    m = {"ua": 0.01, "retain_acc": 0.99, "test_acc": 0.93, "mia_efficacy_svc": 0.02}
+    # |Δ| = 4, 1, 3, 8 points -> mean 4
+    assert avg_gap(m, ref) == pytest.approx(4.0)
+    assert avg_gap(ref, ref) == 0.0
+    with pytest.raises(KeyError):
+        avg_gap({"ua": 0.0}, ref)
+
+
+def test_evaluate_salun_metrics(digits, memorised):
+    original, retrained, forget, retain = memorised
+    test = (digits.X_test, digits.y_test)
+    out = evaluate(original, forget, retain, test)
+    assert out["ua"] == pytest.approx(1.0 - out["forget_acc"])
+    assert out["mia_efficacy_svc"] == mia_efficacy_svc(original, forget, retain, test, seed=0)
+    # The noisy labels are memorised: the SVC calls the forget set members before unlearning,
+    # and far more of it non-members after retraining.
+    assert mia_efficacy_svc(retrained, forget, retain, test) > out["mia_efficacy_svc"] + 0.2

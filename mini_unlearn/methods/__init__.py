@@ -10,3 +10,8 @@ METHODS["finetune"] = baselines.finetune
 METHODS["neggrad"] = baselines.neggrad
 from . import deltagrad  # noqa: E402
 METHODS["deltagrad"] = deltagrad.run
+from . import gradient_ascent, salun, scrub  # noqa: E402
+METHODS["salun"] = salun.salun
+METHODS["rl"] = salun.rl
+METHODS["scrub"] = scrub.run
+METHODS["ga"] = gradient_ascent.run
