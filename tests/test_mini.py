@@ -159,7 +159,7 @@ def _bad_inputs(c):
         (dict(indices=torch.tensor([0.5])), mu.ForgetSetError, "integer"),
         (dict(forget=(X[:0], y[:0])), mu.ForgetSetError, "empty"),
         (dict(forget=(X[:5], y[:4])), mu.ForgetSetError, "rows"),
-        (dict(forget=(X[:5].long(), y[:5])), mu.ForgetSetError, "floating"),
+        (dict(forget=(X[:5].long(), y[:5])), mu.ForgetSetError, "cannot run on the forget samples"),
         (dict(forget=(torch.full_like(X[:5], float("nan")), y[:5])), mu.ForgetSetError, "NaN"),
         (dict(forget=(X[:5, :10], y[:5])), mu.ForgetSetError, "cannot run"),
         (dict(indices=[1, 2], mode="refresh"), ValueError, "retained data"),
