@@ -23,3 +23,7 @@ class NonFiniteError(MiniUnlearnError, FloatingPointError):
 
 class LineSearchError(MiniUnlearnError, RuntimeError):
     """A line search exhausted its halvings without sufficient decrease."""
+
+
+class UnsupportedTrainingError(MiniUnlearnError, ValueError):
+    """An optimizer, layer or loss set-up mini_unlearn does not support."""
