@@ -275,7 +275,9 @@ def _diag_vmap(model: nn.Module, names: list[str], x: torch.Tensor, vs) -> torch
 def dense_hessian(model: nn.Module, layout: Layout, data, loss_fn, batch_size: int = 512,
                   device=None, train_mode: bool | None = None) -> torch.Tensor:
     """Σ_i ∇²ℓ_i over ``data`` w.r.t. the flat parameters (for d ≤ 4096: an exactness oracle).
-    Normalisation layers as in :func:`data_pass` (``train_mode``; buffers untouched)."""
+    Normalisation layers as in :func:`data_pass` (``train_mode``; buffers untouched). Through
+    train-mode BatchNorm it inherits PyTorch's batch-norm double backward, which was measured
+    asymmetric here (non-zero d²L/dγ d(input shift), float64 too): an indicative oracle only."""
     from torch.func import functional_call, hessian
 
     named = dict(model.named_parameters())
