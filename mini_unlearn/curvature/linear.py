@@ -33,5 +33,5 @@ class LinearRule(LayerRule):
     def g_rows(self, module, dy):
         return dy.reshape(-1, dy.shape[-1])
 
-    def per_sample(self, module, x, dy, names, pnames):
+    def per_sample(self, module, prep, dy, names, pnames):
         return {n: dy.reshape(dy.shape[0], -1, dy.shape[-1]).sum(1) for n in names}

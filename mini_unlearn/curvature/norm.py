@@ -38,12 +38,9 @@ class NormRule(LayerRule):
     def normalized(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """x̂: the input normalised as the layer's forward did, without its affine map."""
         if isinstance(m, _BatchNorm):
-            if uses_batch_stats(m):
-                dims = [0] + list(range(2, x.dim()))
-                var, mean = torch.var_mean(x, dims, unbiased=False, keepdim=True)
-                return (x - mean) * torch.rsqrt(var + m.eps)
-            shape = [1, -1] + [1] * (x.dim() - 2)
-            return (x - m.running_mean.view(shape)) * torch.rsqrt(m.running_var.view(shape) + m.eps)
+            if uses_batch_stats(m):  # the native kernel: a strided var_mean is several times slower
+                return F.batch_norm(x, None, None, training=True, momentum=0.0, eps=m.eps)
+            return F.batch_norm(x, m.running_mean, m.running_var, training=False, eps=m.eps)
         if isinstance(m, _InstanceNorm):
             use_input = m.training or not m.track_running_stats
             return F.instance_norm(x, None if use_input else m.running_mean,
@@ -55,7 +52,24 @@ class NormRule(LayerRule):
             return F.layer_norm(x, m.normalized_shape, eps=m.eps)
         return F.rms_norm(x, m.normalized_shape, eps=m.eps)  # RMSNorm
 
-    def per_sample(self, module, x, dy, names, pnames):
+    def prepare(self, module, x, y):
+        """x̂ = (y − β)/γ from the output (one elementwise pass) where γ is safely away from 0
+        and β/γ is moderate; otherwise recomputed from the input with the layer's statistics."""
+        w = getattr(module, "weight", None)
+        if w is None or not torch.is_tensor(y) or y.shape != x.shape:
+            return self.normalized(module, x)
+        w = w.detach().float()
+        b = getattr(module, "bias", None)
+        b = torch.zeros_like(w) if b is None else b.detach().float()
+        aw = w.abs()
+        if float(aw.min()) < 1e-2 or float((b.abs() / aw).max()) > 1e2:
+            return self.normalized(module, x)
+        if isinstance(module, (nn.LayerNorm,) + _RMS):
+            return (y - b) / w
+        shape = [1, -1] + [1] * (y.dim() - 2)
+        return (y - b.view(shape)) / w.view(shape)
+
+    def per_sample(self, module, xhat, dy, names, pnames):
         channel_last = isinstance(module, (nn.LayerNorm,) + _RMS)
         if channel_last:  # affine over the trailing normalized_shape: sum the dims in between
             k = len(module.normalized_shape)
@@ -71,5 +85,5 @@ class NormRule(LayerRule):
             if pnames[n] == "bias":
                 out[n] = red(dy)
             else:
-                out[n] = red(self.normalized(module, x) * dy)
+                out[n] = red(xhat * dy)
         return out

@@ -210,19 +210,16 @@ def _accumulate(sums, mods, blocks_rules, cheap, dpos, seen, outs, out, vs, firs
     for b, r in blocks_rules:
         m = mods[b.module]
         for xin, _ in seen[b.module]:
-            rows, T = r.a_rows(m, xin.detach().float())
-            a = rows.T @ rows
-            if b.bias is not None:  # [[RᵀR, Rᵀ1], [1ᵀR, N]] without materialising the ones column
-                s = rows.sum(0, keepdim=True)
-                a = torch.cat([torch.cat([a, s.T], 1),
-                               torch.cat([s, torch.tensor([[float(rows.shape[0])]], device=s.device)], 1)], 0)
-            sums.A[b.module] = sums.A.get(b.module, 0) + a / T
+            a = r.a_factor(m, xin.detach().float(), b.bias is not None)
+            sums.A[b.module] = sums.A.get(b.module, 0) + a
     if not outs:
         return
     deltas_per_v = [first] if fisher == "empirical" else (
         torch.autograd.grad(out, [o for _, _, o in outs], grad_outputs=v, retain_graph=True, allow_unused=True)
         for v in vs)
     index = {(key, j): i for i, (key, j, _) in enumerate(outs)}
+    prep = {(key, j): rule_for(mods[key]).prepare(mods[key], xin.detach().float(), o.detach().float())
+            for key in cheap for j, (xin, o) in enumerate(seen[key])}  # once per batch
     for deltas in deltas_per_v:
         for b, r in blocks_rules:
             m = mods[b.module]
@@ -230,18 +227,18 @@ def _accumulate(sums, mods, blocks_rules, cheap, dpos, seen, outs, out, vs, firs
                 i = index.get((b.module, j))
                 if i is None or deltas[i] is None:
                     continue
-                d = r.g_rows(m, deltas[i].detach().float())
-                sums.G[b.module] = sums.G.get(b.module, 0) + d.T @ d
+                gf = r.g_factor(m, deltas[i].detach().float())
+                sums.G[b.module] = sums.G.get(b.module, 0) + gf
         for key, names in cheap.items():
             m = mods[key]
             r = rule_for(m)
             attr = {n: n.rsplit(".", 1)[-1] for n in names}
             tot: dict[str, torch.Tensor] = {}
-            for j, (xin, _) in enumerate(seen[key]):
+            for j in range(len(seen[key])):
                 i = index.get((key, j))
                 if i is None or deltas[i] is None:
                     continue
-                per = r.per_sample(m, xin.detach().float(), deltas[i].detach().float(), names, attr)
+                per = r.per_sample(m, prep[(key, j)], deltas[i].detach().float(), names, attr)
                 for n, t in per.items():
                     tot[n] = tot[n] + t if n in tot else t
             for n, t in tot.items():

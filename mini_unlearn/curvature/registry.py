@@ -46,11 +46,41 @@ class LayerRule:
         """Output-gradient rows [B·T, d_out], in the same order as ``a_rows``."""
         raise NotImplementedError
 
-    def per_sample(self, module: nn.Module, x: torch.Tensor, dy: torch.Tensor,
+    def a_factor(self, module: nn.Module, x: torch.Tensor, bias: bool) -> torch.Tensor:
+        """Σ_i (1/T) Σ_t ã ãᵀ over the batch, [cols, cols], ã = (a, 1) with ``bias``. The default
+        goes through ``a_rows``; layers override it to avoid materialising the rows."""
+        rows, T = self.a_rows(module, x)
+        a = rows.T @ rows
+        if bias:  # [[RᵀR, Rᵀ1], [1ᵀR, N]] without concatenating a column of ones to the rows
+            a = _with_bias(a, rows.sum(0), rows.shape[0])
+        return a / T
+
+    def g_factor(self, module: nn.Module, dy: torch.Tensor) -> torch.Tensor:
+        """Σ_i Σ_t δ δᵀ over the batch, [d_out, d_out]."""
+        d = self.g_rows(module, dy)
+        return d.T @ d
+
+    def prepare(self, module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> object:
+        """Whatever ``per_sample`` needs from the input ``x`` (and output ``y``), computed once
+        per batch (not per output-side vector): e.g. the normalised input x̂."""
+        return x
+
+    def per_sample(self, module: nn.Module, prep: object, dy: torch.Tensor,
                    names: list[str], pnames: dict[str, str]) -> dict[str, torch.Tensor]:
-        """Per-sample gradients [B, *param.shape] of the parameters ``names``; ``pnames`` maps a
-        full parameter name to its attribute on the module ("weight", "bias")."""
+        """Per-sample gradients [B, *param.shape] of the parameters ``names`` from ``prepare``'s
+        result and the output gradient ``dy``; ``pnames`` maps a full parameter name to its
+        attribute on the module ("weight", "bias")."""
         raise NotImplementedError
+
+
+def _with_bias(a: torch.Tensor, s: torch.Tensor, n: float) -> torch.Tensor:
+    """[[a, s], [sᵀ, n]]."""
+    out = a.new_empty(a.shape[0] + 1, a.shape[1] + 1)
+    out[:-1, :-1] = a
+    out[:-1, -1] = s
+    out[-1, :-1] = s
+    out[-1, -1] = float(n)
+    return out
 
 
 def register(cls: type[LayerRule]) -> type[LayerRule]:
