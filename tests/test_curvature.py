@@ -111,6 +111,20 @@ def test_conv_with_one_output_position_is_the_equivalent_linear_and_exact_per_sa
     torch.testing.assert_close(kron_block(s1, b[0], 1), H[perm][:, perm], rtol=1e-4, atol=1e-6)
 
 
+def test_conv_A_on_a_subgrid_is_the_mean_over_those_positions(monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Flatten(), nn.Linear(3 * 36, 2))
+    X, y = torch.randn(64, 2, 6, 6), torch.randint(0, 2, (64,))
+    full = pass_of(model, (X, y))[3]
+    monkeypatch.setattr(C.rule_for(model[0]), "max_positions", 9)  # 36 positions -> every 2nd: 9
+    sub = pass_of(model, (X, y))[3]
+    p = F.unfold(X, 3, padding=1).view(64, 18, 6, 6)[:, :, ::2, ::2].reshape(64, 18, 9)
+    a = torch.cat([p, torch.ones(64, 1, 9)], 1)
+    torch.testing.assert_close(sub.A["0"], torch.einsum("bit,bjt->ij", a, a) / 9, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sub.G["0"], full.G["0"])  # G always sums every position
+    assert float((sub.A["0"] - full.A["0"]).norm() / full.A["0"].norm()) < 0.2
+
+
 def test_grouped_conv_is_refused_with_a_typed_error():
     model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(), nn.LazyLinear(2))
     model(torch.randn(1, 4, 5, 5))
@@ -147,9 +161,13 @@ def _with_stats(model):
     return model
 
 
-@pytest.mark.parametrize("fisher", ["ggn", "empirical"])
-def test_norm_diagonal_matches_per_sample_autograd(fisher):
+@pytest.mark.parametrize("fisher,dead", [("ggn", False), ("empirical", False), ("ggn", True)])
+def test_norm_diagonal_matches_per_sample_autograd(fisher, dead):
     model = _with_stats(NormNet()).eval()
+    if dead:  # γ = 0 in a channel: x̂ is recomputed from the input, not read off the output
+        with torch.no_grad():
+            model.bn.weight[1] = 0.0
+            model.ln.weight[2] = 0.0
     X, y = torch.randn(9, 2, 6, 6), torch.randint(0, 3, (9,))
     layout, _, diag, s = pass_of(model, (X, y), fisher=fisher, batch_size=4)
     assert diag == ["bn.weight", "bn.bias", "gn.weight", "gn.bias", "ln.weight", "ln.bias"]

@@ -118,7 +118,9 @@ def data_pass(model: nn.Module, layout: Layout, data, loss_fn, *, curvature: boo
     (Monte-Carlo Fisher, ``mc_samples`` backwards, draws seeded by ``seed`` and each sample's
     content) or "empirical" (the loss's own gradient; any loss). ``train_mode``: normalisation
     layers in train mode (True: batch statistics, as training computed its gradients), eval
-    mode (False) or as they are (None); their running statistics are never modified."""
+    mode (False) or as they are (None); their running statistics are never modified. In train
+    mode the statistics are the pass's batch's, so ``batch_size`` should be training's batch size
+    for the pass to see what training saw (and small batches are also faster on CPU caches)."""
     with pass_mode(model, train_mode):
         return _pass(model, layout, data, loss_fn, curvature, list(blocks), list(diag_names), fisher,
                      batch_size, device, progress, mc_samples, seed)
