@@ -1,0 +1,294 @@
+"""One pass over data: loss sum, gradient sum and (optionally) the curvature sums, with the
+normalisation layers in the mode training used and their running statistics left untouched."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
+
+from .._batches import batches
+from ..errors import NonFiniteError, UnsupportedTrainingError
+from .layout import KronBlock, Layout
+from .norm import uses_batch_stats
+from .outputs import pseudo_grads
+from .registry import diag_plan, rule_for
+
+_STATEFUL = (_BatchNorm, _InstanceNorm)
+
+
+@dataclass
+class PassSums:
+    """Sums over the samples of one pass (divide by ``n`` for means)."""
+
+    n: int = 0
+    loss: float = 0.0
+    grad: torch.Tensor | None = None
+    A: dict[str, torch.Tensor] = field(default_factory=dict)
+    G: dict[str, torch.Tensor] = field(default_factory=dict)
+    diag: torch.Tensor | None = None
+
+
+def norm_train_mode(model: nn.Module) -> bool | None:
+    """True if the model's BatchNorm/InstanceNorm layers are in train mode (batch statistics),
+    False if in eval mode, None if it has none (record it with a log to replay passes alike)."""
+    modes = {m.training for m in model.modules() if isinstance(m, _STATEFUL)}
+    return None if not modes else (True in modes)
+
+
+@contextmanager
+def pass_mode(model: nn.Module, train_mode: bool | None = None) -> Iterator[None]:
+    """Run a data pass with BatchNorm/InstanceNorm layers in train mode (batch statistics,
+    ``train_mode=True``), eval mode (running statistics, False) or as they are (None), never
+    writing their running statistics: tracking is switched off for the pass (no in-place
+    buffer update, so torch.func transforms work) and every buffer is restored afterwards.
+    Other layers (dropout, ...) keep the caller's mode."""
+    saved = []
+    for m in model.modules():
+        if isinstance(m, _STATEFUL):
+            bufs = {k: b.detach().clone() for k, b in m.named_buffers(recurse=False) if b is not None}
+            saved.append((m, m.training, m.track_running_stats, bufs))
+    try:
+        for m, _, _, _ in saved:
+            if train_mode is not None:
+                m.train(bool(train_mode))
+            if isinstance(m, _BatchNorm) and m.training and m.track_running_stats:
+                m.track_running_stats = False  # batch statistics, buffers neither read nor written
+        yield
+    finally:
+        with torch.no_grad():
+            for m, training, track, bufs in saved:
+                m.train(training)
+                m.track_running_stats = track
+                for k, b in bufs.items():
+                    getattr(m, k).copy_(b)
+
+
+@torch.no_grad()
+def recalibrate_norm_stats(model: nn.Module, data, batch_size: int = 512, device=None) -> int:
+    """Recompute every BatchNorm's running statistics on ``data`` by a forward-only pass in
+    train mode, as the cumulative average over its batches (momentum=None), e.g. after
+    unlearning, so that eval-mode predictions use statistics of the retained data. Each layer's
+    momentum and every module's mode are restored afterwards (on error, the old statistics too).
+    Returns the number of layers recalibrated.
+
+    Without retained data, keep the original model's statistics: they include the forget set,
+    but the weights moved little (the unlearning update is a small correction), and the
+    statistics are means over many samples, so the forget set's share is about r/n of them."""
+    bns = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    if not bns:
+        return 0
+    modes = [(m, m.training) for m in model.modules()]
+    saved = [(m, m.momentum, {k: b.clone() for k, b in m.named_buffers(recurse=False) if b is not None})
+             for m in bns]
+    ok = False
+    try:
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None
+            m.train()
+        for x, _ in batches(data, batch_size, device):
+            model(x)
+        ok = True
+    finally:
+        for m, mom, bufs in saved:
+            m.momentum = mom
+            if not ok:
+                for k, b in bufs.items():
+                    getattr(m, k).copy_(b)
+        for m, t in modes:
+            m.training = t
+    return len(bns)
+
+
+def data_pass(model: nn.Module, layout: Layout, data, loss_fn, *, curvature: bool = False,
+              blocks: list[KronBlock] = (), diag_names: list[str] = (), fisher: str = "ggn",
+              batch_size: int = 512, device=None, progress=None, train_mode: bool | None = None,
+              mc_samples: int = 1, seed: int = 0) -> PassSums:
+    """Loss sum, gradient sum (of per-sample losses) and, with ``curvature``, the K-FAC factor
+    sums A = Σ_i (1/T) Σ_t ããᵀ, G = Σ_i Σ_t δδᵀ per block and the diagonal curvature of
+    ``diag_names`` (closed-form per-sample gradients for normalisation layers and biases, a
+    per-sample vmap for anything else, eval mode only).
+
+    ``fisher``: "ggn" (exact softmax cross-entropy GGN, one backward per class), "mc"
+    (Monte-Carlo Fisher, ``mc_samples`` backwards, draws seeded by ``seed`` and each sample's
+    content) or "empirical" (the loss's own gradient; any loss). ``train_mode``: normalisation
+    layers in train mode (True: batch statistics, as training computed its gradients), eval
+    mode (False) or as they are (None); their running statistics are never modified. In train
+    mode the statistics are the pass's batch's, so ``batch_size`` should be training's batch size
+    for the pass to see what training saw (and small batches are also faster on CPU caches)."""
+    with pass_mode(model, train_mode):
+        return _pass(model, layout, data, loss_fn, curvature, list(blocks), list(diag_names), fisher,
+                     batch_size, device, progress, mc_samples, seed)
+
+
+def _pass(model, layout, data, loss_fn, curvature, blocks, diag_names, fisher, batch_size, device,
+          progress, mc_samples, seed) -> PassSums:
+    params = layout.params(model)
+    mods = dict(model.named_modules())
+    cheap, rest = diag_plan(model, layout, diag_names) if curvature else ({}, [])
+    if rest and any(uses_batch_stats(m) for m in model.modules()):
+        raise UnsupportedTrainingError(
+            f"parameters {rest} have no closed-form curvature rule, and their per-sample fallback "
+            f"cannot run while BatchNorm uses batch statistics (train mode couples the samples). "
+            f"Leave them out of the recorded parameters (Recorder(params=[...])), register a rule "
+            f"for their layer type (mini_unlearn.curvature.registry), or record in eval mode")
+    blocks_rules = []
+    for b in blocks:
+        r = rule_for(mods[b.module]) if b.module in mods else None
+        if r is None:
+            raise UnsupportedTrainingError(f"no Kronecker rule for module {b.module!r} "
+                                           f"({type(mods.get(b.module)).__name__})")
+        blocks_rules.append((b, r))
+    hooked = [b.module for b in blocks] + [m for m in cheap if m not in {b.module for b in blocks}]
+    seen: dict[str, list] = {k: [] for k in hooked}
+    hooks = []
+    if curvature:
+        for key in hooked:
+            hooks.append(mods[key].register_forward_hook(
+                lambda m, i, o, key=key: seen[key].append((i[0], o))))
+    dpos = {}
+    if curvature:
+        off = 0
+        for nme in diag_names:
+            k = layout.numels[layout.index[nme]]
+            dpos[nme] = slice(off, off + k)
+            off += k
+    sums = PassSums(grad=torch.zeros(layout.numel, device=device))
+    if curvature:
+        sums.diag = torch.zeros(sum(layout.numels[layout.index[n]] for n in diag_names), device=device)
+    try:
+        for x, y in batches(data, batch_size, device):
+            for v in seen.values():
+                v.clear()
+            out = model(x)
+            bsz = x.shape[0]
+            loss = loss_fn(out, y) * bsz
+            if not torch.isfinite(loss):
+                raise NonFiniteError("the loss is NaN/Inf on a batch: check the model and the data")
+            outs = [(key, j, o) for key in hooked for j, (_, o) in enumerate(seen[key])
+                    if torch.is_tensor(o) and o.requires_grad] if curvature else []
+            extra = [o for _, _, o in outs] + ([out] if curvature else [])
+            grads = torch.autograd.grad(loss, params + extra, retain_graph=curvature and fisher != "empirical",
+                                        allow_unused=True)
+            g = layout.flatten([torch.zeros_like(p) if gi is None else gi for gi, p in zip(grads, params)])
+            sums.grad += g
+            sums.loss += float(loss.detach())
+            sums.n += bsz
+            if curvature:
+                g_out = grads[-1] if grads[-1] is not None else torch.zeros_like(out)
+                vs = pseudo_grads(out, y, g_out, fisher, mc_samples=mc_samples, seed=seed, x=x)
+                first = list(grads[len(params):-1])
+                _accumulate(sums, mods, blocks_rules, cheap, dpos, seen, outs, out, vs, first, fisher)
+                if rest:
+                    sums.diag[torch.cat([torch.arange(dpos[n].start, dpos[n].stop) for n in rest])
+                              .to(sums.diag.device)] += _diag_vmap(model, rest, x, vs)
+            if progress is not None:
+                progress.update(bsz)
+    finally:
+        for h in hooks:
+            h.remove()
+        for v in seen.values():
+            v.clear()
+    if not torch.isfinite(sums.grad).all():
+        raise NonFiniteError("NaN/Inf in the gradient: check the model, the data and the loss")
+    for side in ("A", "G"):
+        for key, m in getattr(sums, side).items():
+            if not torch.isfinite(m).all():
+                raise NonFiniteError(f"NaN/Inf in the K-FAC factor {side} of layer {key!r}: check that "
+                                     f"layer's inputs/outputs (overflow in low precision?)")
+    if sums.diag is not None and not torch.isfinite(sums.diag).all():
+        bad = [n for n, s in dpos.items() if not torch.isfinite(sums.diag[s]).all()]
+        raise NonFiniteError(f"NaN/Inf in the diagonal curvature of {bad}")
+    return sums
+
+
+def _accumulate(sums, mods, blocks_rules, cheap, dpos, seen, outs, out, vs, first, fisher) -> None:
+    """Add one batch's factor sums and cheap diagonals."""
+    for b, r in blocks_rules:
+        m = mods[b.module]
+        for xin, _ in seen[b.module]:
+            a = r.a_factor(m, xin.detach().float(), b.bias is not None)
+            sums.A[b.module] = sums.A.get(b.module, 0) + a
+    if not outs:
+        return
+    deltas_per_v = [first] if fisher == "empirical" else (
+        torch.autograd.grad(out, [o for _, _, o in outs], grad_outputs=v, retain_graph=True, allow_unused=True)
+        for v in vs)
+    index = {(key, j): i for i, (key, j, _) in enumerate(outs)}
+    prep = {(key, j): rule_for(mods[key]).prepare(mods[key], xin.detach().float(), o.detach().float())
+            for key in cheap for j, (xin, o) in enumerate(seen[key])}  # once per batch
+    for deltas in deltas_per_v:
+        for b, r in blocks_rules:
+            m = mods[b.module]
+            for j in range(len(seen[b.module])):
+                i = index.get((b.module, j))
+                if i is None or deltas[i] is None:
+                    continue
+                gf = r.g_factor(m, deltas[i].detach().float())
+                sums.G[b.module] = sums.G.get(b.module, 0) + gf
+        for key, names in cheap.items():
+            m = mods[key]
+            r = rule_for(m)
+            attr = {n: n.rsplit(".", 1)[-1] for n in names}
+            tot: dict[str, torch.Tensor] = {}
+            for j in range(len(seen[key])):
+                i = index.get((key, j))
+                if i is None or deltas[i] is None:
+                    continue
+                per = r.per_sample(m, prep[(key, j)], deltas[i].detach().float(), names, attr)
+                for n, t in per.items():
+                    tot[n] = tot[n] + t if n in tot else t
+            for n, t in tot.items():
+                sums.diag[dpos[n]] += t.pow(2).sum(0).reshape(-1)
+    for b, _ in blocks_rules:  # blocks never reached by a backward still get a (zero) G
+        if b.module not in sums.G:
+            sums.G[b.module] = torch.zeros(b.d_out, b.d_out, device=sums.grad.device)
+
+
+def _diag_vmap(model: nn.Module, names: list[str], x: torch.Tensor, vs) -> torch.Tensor:
+    """Σ_i Σ_v (J_iᵀ v_i)² for the parameters ``names`` by per-sample gradients (torch.func):
+    the fallback for layers without a closed-form rule (eval mode only; costly)."""
+    from torch.func import functional_call, grad, vmap
+
+    named = dict(model.named_parameters())
+    fixed = {k: v.detach() for k, v in named.items() if k not in names}
+    own = {k: named[k].detach() for k in names}
+
+    def f(p, xi, vi):
+        o = functional_call(model, {**fixed, **p}, (xi.unsqueeze(0),))
+        return (o.squeeze(0) * vi).sum()
+
+    total = [torch.zeros_like(own[k], dtype=torch.float32) for k in names]
+    for v in vs:
+        g = vmap(grad(f), in_dims=(None, 0, 0))(own, x, v.detach())
+        for t, k in zip(total, names):
+            t += g[k].float().pow(2).sum(0)
+    return torch.cat([t.reshape(-1) for t in total])
+
+
+def dense_hessian(model: nn.Module, layout: Layout, data, loss_fn, batch_size: int = 512,
+                  device=None, train_mode: bool | None = None) -> torch.Tensor:
+    """Σ_i ∇²ℓ_i over ``data`` w.r.t. the flat parameters (for d ≤ 4096: an exactness oracle).
+    Normalisation layers as in :func:`data_pass` (``train_mode``; buffers untouched). Through
+    train-mode BatchNorm it inherits PyTorch's batch-norm double backward, which was measured
+    asymmetric here (non-zero d²L/dγ d(input shift), float64 too): an indicative oracle only."""
+    from torch.func import functional_call, hessian
+
+    named = dict(model.named_parameters())
+    fixed = {k: v.detach() for k, v in named.items() if k not in layout.index}
+    w0 = layout.get(model)
+
+    def total_loss(w, xb, yb):
+        p = {n: w[layout.slice(n)].view(s).to(named[n].dtype) for n, s in zip(layout.names, layout.shapes)}
+        return loss_fn(functional_call(model, {**fixed, **p}, (xb,)), yb) * xb.shape[0]
+
+    H = torch.zeros(layout.numel, layout.numel, device=device)
+    with pass_mode(model, train_mode):
+        for xb, yb in batches(data, batch_size, device):
+            H += hessian(total_loss)(w0, xb, yb).float()
+    return H
