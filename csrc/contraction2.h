@@ -37,6 +37,21 @@ struct Contraction2Params {
   int64_t steps;
 };
 
+// The call's scalars from the op's arguments (host code): the products in double, rounded once.
+inline Contraction2Params make_contraction2_params(double lam, double lam_dec, double eta, double mu,
+                                                   double c, bool nesterov, int64_t steps) {
+  Contraction2Params p;
+  p.lam = static_cast<float>(lam);
+  p.eta = static_cast<float>(eta);
+  p.n00 = static_cast<float>(1.0 - mu);
+  p.c = static_cast<float>(c);
+  p.gamma = static_cast<float>(nesterov ? mu * mu : mu);
+  p.k = static_cast<float>(nesterov ? 1.0 + mu * c : c);
+  p.eta_decay = static_cast<float>(eta * lam_dec);
+  p.steps = steps;
+  return p;
+}
+
 // The per-element entries of N = I - M and b that depend on nu' or d (n00 and b0 = c do not):
 // ed = eta * d (eta where d is absent).
 template <typename T>

@@ -96,27 +96,13 @@ MU_CLONES void contraction2_tile(float* u, float* e, const float* x, const float
   else contraction2_tile_impl<false>(u, e, x, d, s, s_fixed, call, n);
 }
 
-Contraction2Params make_params(double lam, double lam_dec, double eta, double mu, double c,
-                               bool nesterov, int64_t steps) {
-  Contraction2Params p;
-  p.lam = static_cast<float>(lam);
-  p.eta = static_cast<float>(eta);
-  p.n00 = static_cast<float>(1.0 - mu);
-  p.c = static_cast<float>(c);
-  p.gamma = static_cast<float>(nesterov ? mu * mu : mu);
-  p.k = static_cast<float>(nesterov ? 1.0 + mu * c : c);
-  p.eta_decay = static_cast<float>(eta * lam_dec);
-  p.steps = steps;
-  return p;
-}
-
 void contraction2_accumulate_cpu(const at::Tensor& u, const at::Tensor& e, const at::Tensor& x,
                                  const at::Tensor& s_out, const at::Tensor& s_in,
                                  const std::optional<at::Tensor>& d, double lam, double lam_dec,
                                  double eta, double mu, double c, bool nesterov, int64_t steps) {
   check_contraction2(u, e, x, s_out, s_in, d, lam, lam_dec, eta, mu, c, steps, at::kCPU);
   if (steps == 0 || u.numel() == 0) return;  // M^0 = I, S_0 = 0: nothing moves
-  const Call call{make_params(lam, lam_dec, eta, mu, c, nesterov, steps), steps_bits(steps)};
+  const Call call{make_contraction2_params(lam, lam_dec, eta, mu, c, nesterov, steps), steps_bits(steps)};
   float* up = u.data_ptr<float>();
   float* ep = e.data_ptr<float>();
   const float* dp = d.has_value() ? d->data_ptr<float>() : nullptr;
