@@ -30,9 +30,11 @@ def _k(mu: float, c: float, nesterov: bool) -> float:
 
 
 def make_inputs(rows: int, cols: int, *, eta: float, mu: float, c: float, nesterov: bool, lam: float,
-                zmax: float, with_d: bool, dtype=torch.float32, seed: int = 0, flat: bool = False):
-    """u, e, x, s_out, s_in, d with eta d k nu' <= zmax (zmax < 2: a stable training map for every
-    mu and both variants), the largest nu' reached, and nu' = lam on the last column."""
+                zmax: float, with_d: bool, dtype=torch.float32, seed: int = 0, flat: bool = False,
+                device: str = "cpu"):
+    """u, e, x, s_out, s_in, d on `device` with eta d k nu' <= zmax (zmax < 2: a stable training
+    map for every mu and both variants), the largest nu' reached, and nu' = lam on the last
+    column."""
     g = torch.Generator().manual_seed(seed)
     d = (0.5 + torch.rand(rows, cols, generator=g)) if with_d else None
     dmax = 1.5 if with_d else 1.0
@@ -47,8 +49,8 @@ def make_inputs(rows: int, cols: int, *, eta: float, mu: float, c: float, nester
     e = torch.randn(shape, generator=g)
     x = make_x(rows * cols, torch.float32, seed + 1).reshape(shape).to(dtype)
     if d is not None:
-        d = d.reshape(shape)
-    return u, e, x, s_out, s_in, d
+        d = d.reshape(shape).to(device)
+    return u.to(device), e.to(device), x.to(device), s_out.to(device), s_in.to(device), d
 
 
 def step_directly(u, e, x, nu, d, *, lam_dec, eta, mu, c, nesterov, steps):
@@ -129,12 +131,12 @@ def contraction2_bound(u0, e0, x, s_out, s_in, d, kw):
 
 
 def check_native(rows, cols, *, eta, mu, c, nesterov, lam, lam_dec, steps, zmax, with_d,
-                 dtype=torch.float32, seed=0, flat=False, direct=False):
+                 dtype=torch.float32, seed=0, flat=False, direct=False, device="cpu"):
     """Native update against the float64 reference (and, with `direct`, against stepping the
     recurrence), within contraction2_bound; returns the worst error / bound ratio."""
     u0, e0, x, s_out, s_in, d = make_inputs(rows, cols, eta=eta, mu=mu, c=c, nesterov=nesterov,
                                             lam=lam, zmax=zmax, with_d=with_d, dtype=dtype,
-                                            seed=seed, flat=flat)
+                                            seed=seed, flat=flat, device=device)
     kw = dict(lam=lam, lam_dec=lam_dec, eta=eta, mu=mu, c=c, nesterov=nesterov, steps=steps)
     u, e = u0.clone(), e0.clone()
     out = ops.contraction2_accumulate(u, e, x, s_out, s_in, d, **kw)
