@@ -150,6 +150,8 @@ def contraction2_coeffs(m, b, steps: int):
 
 def contraction2_accumulate(u, e, x, s_out, s_in, d, *, lam: float, lam_dec: float, eta: float, mu: float,
                             c: float, nesterov: bool, steps: int) -> None:
+    """``(u, e) <- M^steps (u, e) + S_steps b x`` in place (csrc/contraction2.h), computed in
+    float64 from the plain powers of ``M`` (the kernel carries ``I - M^k``)."""
     if steps < 0:
         raise RuntimeError(f"mini_unlearn: steps must be >= 0, got {steps}")
     if steps == 0:  # M^0 = I, S_0 = 0
