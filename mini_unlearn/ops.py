@@ -87,8 +87,8 @@ def contraction2_accumulate(u: torch.Tensor, e: torch.Tensor, x: torch.Tensor, s
         nesterov:  g = nu' e + x;  u <- mu u + c g;    e <- (1 - eta lam_dec) e - eta d (g + mu u)
 
     (``u`` on the right of ``e``'s update is the new one) in one pass: ``s = (u, e)`` becomes
-    ``M^steps s + S_steps f`` with ``M^steps`` and ``S_steps = sum_{j<steps} M^j`` from binary
-    powering (no inverse: exact as ``nu' -> 0`` and in the oscillating regime). ``d`` is the
+    ``M^steps s + S_steps b x`` (one step is ``s <- M s + b x``, M and b in csrc/contraction2.h)
+    with ``M^steps`` and ``S_steps = sum_{j<steps} M^j`` from binary powering (no inverse: exact as ``nu' -> 0`` and in the oscillating regime). ``d`` is the
     per-element preconditioner (fp32, Adam's ``1/(sqrt(v) + eps)`` in the eigenbasis); ``None``
     means ``d = 1``. ``x`` may be fp32, bf16 or fp16. With ``mu = 0, c = 1, d = 1, lam_dec = 0``
     ``e`` follows ``e <- (1 - eta nu') e - eta x``, i.e. ``-e`` follows
