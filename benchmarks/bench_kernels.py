@@ -25,7 +25,9 @@ transparent huge pages (THP_MEM_ALLOC_ENABLE=1, set below unless given).
 
 dequant_dot_int8 and dequant_axpy_int8 use k = 8 rows of numel / 8 elements each, so the
 codes in total are `numel` bytes (k rows of numel each would need 8 x the memory at 64M).
-contraction_accumulate(_int8) always runs on one [4096, 4096] layer (16M elements), steps=156.
+contraction_accumulate(_int8) always runs on one [4096, 4096] layer (16M elements), steps=156;
+so does contraction2_accumulate (momentum mu=0.9, c=0.1, decoupled decay, per-element d, fp32 x;
+its eager baseline is the 2x2 binary powering of mini_unlearn.reference in fp32).
 """
 from __future__ import annotations
 
@@ -58,6 +60,7 @@ K_ROWS = 8
 CONTRACTION_SHAPE = (4096, 4096)
 STEPS, LAM, ETA = 156, 1e-3, 0.05
 TARGET_COPY, TARGET_COPY_CONTRACTION, TARGET_EAGER = 0.6, 0.5, 4.0
+MU2, C2, LAM_DEC2 = 0.9, 0.1, 0.01  # contraction2_accumulate: Adam-like momentum, AdamW decay
 
 
 # ---- eager fp32 baselines (the same semantics as the ops) -----------------------------------
@@ -108,6 +111,29 @@ def eager_contraction(acc, x, s_out, s_in, lam: float, eta: float, steps: int) -
 
 def eager_contraction_q(acc, codes, scales, s_out, s_in, lam, eta, steps, bits, block) -> None:
     eager_contraction(acc, eager_dequantize(codes, scales, bits, block), s_out, s_in, lam, eta, steps)
+
+
+def eager_contraction2(u, e, x, d, s_out, s_in, lam: float, lam_dec: float, eta: float, mu: float,
+                       c: float, steps: int) -> None:
+    """(u, e) <- M^L (u, e) + S_L b x (standard momentum): the 2x2 entries of M^L and of S_L b by
+    binary powering from the top bit, elementwise over [d_out, d_in] tensors, in fp32."""
+    nu = s_out[:, None] * s_in[None, :] + lam
+    ed = eta * d
+    m = (torch.full_like(nu, mu), c * nu, -mu * ed, 1.0 - eta * lam_dec - c * ed * nu)
+    b = (torch.full_like(nu, c), -c * ed)
+    p, v = m, b  # k = 1 (steps >= 1 here)
+    for bit in reversed(range(steps.bit_length() - 1)):
+        v = (v[0] + p[0] * v[0] + p[1] * v[1], v[1] + p[2] * v[0] + p[3] * v[1])
+        p = (p[0] * p[0] + p[1] * p[2], p[0] * p[1] + p[1] * p[3],
+             p[2] * p[0] + p[3] * p[2], p[2] * p[1] + p[3] * p[3])
+        if (steps >> bit) & 1:
+            v = (v[0] + p[0] * b[0] + p[1] * b[1], v[1] + p[2] * b[0] + p[3] * b[1])
+            p = (p[0] * m[0] + p[1] * m[2], p[0] * m[1] + p[1] * m[3],
+                 p[2] * m[0] + p[3] * m[2], p[2] * m[1] + p[3] * m[3])
+    x = x.view_as(u)
+    new_u = p[0] * u + p[1] * e + v[0] * x
+    e.copy_(p[2] * u + p[3] * e + v[1] * x)
+    u.copy_(new_u)
 
 
 # ---- cases ----------------------------------------------------------------------------------
@@ -186,10 +212,23 @@ def _cases(numel: int, device: str):
                 lambda: eager_contraction_q(acc_e, c, s, s_out, s_in, LAM, ETA, STEPS, 8, BLOCK),
                 {"shape": list(CONTRACTION_SHAPE), "steps": STEPS})
 
+    def contraction2():
+        n, s_out, s_in, u = spectra()
+        e, x = randn(*CONTRACTION_SHAPE), randn(*CONTRACTION_SHAPE)
+        d = 0.5 + torch.rand(*CONTRACTION_SHAPE, generator=g).to(device)  # Adam's 1/(sqrt(v)+eps)
+        u_e, e_e = u.clone(), e.clone()
+        nbytes = 24 * n + 4 * (s_out.numel() + s_in.numel())  # u, e read + written; x, d read
+        return (nbytes,
+                lambda: ops.contraction2_accumulate(u, e, x, s_out, s_in, d, lam=LAM, lam_dec=LAM_DEC2,
+                                                    eta=ETA, mu=MU2, c=C2, steps=STEPS),
+                lambda: eager_contraction2(u_e, e_e, x, d, s_out, s_in, LAM, LAM_DEC2, ETA, MU2, C2, STEPS),
+                {"shape": list(CONTRACTION_SHAPE), "steps": STEPS, "mu": MU2, "c": C2, "with_d": True})
+
     return [("quantize_int8", quantize(8)), ("dequantize_int8", dequantize(8)),
             ("quantize_int4", quantize(4)), ("dequantize_int4", dequantize(4)),
             ("dequant_dot_int8", dot), ("dequant_axpy_int8", axpy)], \
-           [("contraction_accumulate", contraction), ("contraction_accumulate_int8", contraction_q)]
+           [("contraction_accumulate", contraction), ("contraction_accumulate_int8", contraction_q),
+            ("contraction2_accumulate", contraction2)]
 
 
 # ---- timing ---------------------------------------------------------------------------------
@@ -358,6 +397,7 @@ def run(quick: bool, device: str, repeats: int | None = None, log=print) -> dict
         "block": BLOCK,
         "dot_axpy_layout": f"k={K_ROWS} rows of numel/{K_ROWS} elements each (numel codes in total)",
         "contraction": {"shape": list(CONTRACTION_SHAPE), "steps": STEPS, "lam": LAM, "eta": ETA},
+        "contraction2": {"mu": MU2, "c": C2, "lam_dec": LAM_DEC2, "nesterov": False, "d": "U[0.5, 1.5)"},
         "baselines": "eager: fp32 PyTorch re-implementations in benchmarks/bench_kernels.py (the "
                      "reference computes dot/axpy/contraction in float64); compile: torch.compile "
                      "(Inductor) of the same functions",

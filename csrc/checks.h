@@ -151,6 +151,63 @@ inline void check_contraction_codes(const at::Tensor& acc, const at::Tensor& cod
   check_device(acc, dev, "acc");
 }
 
+// ---- contraction2_accumulate ----------------------------------------------------------------
+
+inline void check_finite_scalar(double v, const char* name) {
+  TORCH_CHECK(std::isfinite(v), "mini_unlearn: ", name, " must be a finite number, got ", v);
+}
+
+// The fp32 state tensors u and e of contraction2_accumulate.
+inline void check_state(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "mini_unlearn: ", name, " must be float32, got ",
+              t.scalar_type(), " (keep the state in fp32; convert with .float())");
+  TORCH_CHECK(t.is_contiguous(), "mini_unlearn: ", name, " must be contiguous (call .contiguous())");
+}
+
+// u, e fp32 contiguous, one shape, numel = |s_out| * |s_in| ([rows, cols], or flat with s_in of
+// length 1); x fp32/bf16/fp16 and d (optional) fp32, contiguous with u's numel; spectra fp32 1-D;
+// all on one device of type `dev`; steps >= 0 and every scalar finite.
+inline void check_contraction2(const at::Tensor& u, const at::Tensor& e, const at::Tensor& x,
+                               const at::Tensor& s_out, const at::Tensor& s_in,
+                               const std::optional<at::Tensor>& d, double lam, double lam_dec,
+                               double eta, double mu, double c, int64_t steps, at::DeviceType dev) {
+  check_state(u, "u");
+  check_state(e, "e");
+  TORCH_CHECK(e.sizes() == u.sizes(), "mini_unlearn: u and e must have the same shape, got ",
+              u.sizes(), " and ", e.sizes());
+  TORCH_CHECK(s_out.scalar_type() == at::kFloat && s_in.scalar_type() == at::kFloat,
+              "mini_unlearn: s_out and s_in must be float32, got ", s_out.scalar_type(), " and ",
+              s_in.scalar_type());
+  TORCH_CHECK(s_out.dim() == 1 && s_in.dim() == 1 && s_out.is_contiguous() && s_in.is_contiguous(),
+              "mini_unlearn: s_out and s_in must be contiguous 1-D spectra, got shapes ",
+              s_out.sizes(), " and ", s_in.sizes());
+  TORCH_CHECK(u.numel() == s_out.numel() * s_in.numel(), "mini_unlearn: u has ", u.numel(),
+              " elements but the spectra describe ", s_out.numel(), " x ", s_in.numel(),
+              " (u is [len(s_out), len(s_in)])");
+  check_float_input(x, "x");
+  TORCH_CHECK(x.numel() == u.numel(), "mini_unlearn: x has ", x.numel(), " elements, u has ",
+              u.numel());
+  if (d.has_value()) {
+    TORCH_CHECK(d->scalar_type() == at::kFloat, "mini_unlearn: d must be float32, got ",
+                d->scalar_type(), " (or pass None for d = 1)");
+    TORCH_CHECK(d->is_contiguous(), "mini_unlearn: d must be contiguous (call .contiguous())");
+    TORCH_CHECK(d->numel() == u.numel(), "mini_unlearn: d has ", d->numel(), " elements, u has ",
+                u.numel());
+    check_same_device(u, *d, "u", "d");
+  }
+  TORCH_CHECK(steps >= 0, "mini_unlearn: steps must be >= 0, got ", steps);
+  check_finite_scalar(lam, "lam");
+  check_finite_scalar(lam_dec, "lam_dec");
+  check_finite_scalar(eta, "eta");
+  check_finite_scalar(mu, "mu");
+  check_finite_scalar(c, "c");
+  check_same_device(u, e, "u", "e");
+  check_same_device(u, x, "u", "x");
+  check_same_device(u, s_out, "u", "s_out");
+  check_same_device(u, s_in, "u", "s_in");
+  check_device(u, dev, "u");
+}
+
 }  // namespace mini_unlearn
 
 // The input dtypes every op accepts (fp32, fp16, bf16): no double instantiation to compile.

@@ -8,6 +8,7 @@ TORCH_LIBRARY(mini_unlearn, m) {
   m.def("dequant_axpy(Tensor y, Tensor codes, Tensor scales, Tensor coeff, int bits, int block) -> Tensor");
   m.def("contraction_accumulate(Tensor(a!) acc, Tensor x, Tensor s_out, Tensor s_in, float lam, float eta, int steps) -> ()");
   m.def("contraction_accumulate_q(Tensor(a!) acc, Tensor codes, Tensor scales, Tensor s_out, Tensor s_in, float lam, float eta, int steps, int bits, int block) -> ()");
+  m.def("contraction2_accumulate(Tensor(a!) u, Tensor(b!) e, Tensor x, Tensor s_out, Tensor s_in, Tensor? d, *, float lam, float lam_dec, float eta, float mu, float c, bool nesterov, int steps) -> ()");
 }
 
 // `import mini_unlearn._C` loads this library, which registers the ops above.

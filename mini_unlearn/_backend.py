@@ -51,4 +51,5 @@ OP_NAMES = (
     "dequant_axpy",
     "contraction_accumulate",
     "contraction_accumulate_q",
+    "contraction2_accumulate",
 )

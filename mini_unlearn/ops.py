@@ -72,6 +72,35 @@ def contraction_accumulate(acc: torch.Tensor, x: torch.Tensor | None, s_out: tor
     return acc
 
 
+def contraction2_accumulate(u: torch.Tensor, e: torch.Tensor, x: torch.Tensor, s_out: torch.Tensor,
+                            s_in: torch.Tensor, d: torch.Tensor | None = None, *, lam: float,
+                            lam_dec: float = 0.0, eta: float, mu: float, c: float,
+                            nesterov: bool = False, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused 2-state trajectory update (DESIGN §2.7: SGD with momentum, Nesterov, Adam/AdamW)
+    of one segment and one layer, in place on ``u`` and ``e`` (fp32, ``[len(s_out), len(s_in)]``,
+    or flat with ``s_in`` of length 1).
+
+    Per element, with ``nu' = s_out[i] s_in[j] + lam`` and the forcing ``x`` held fixed, it applies
+    ``steps`` optimizer steps of the linearised error dynamics::
+
+        standard:  u <- mu u + c (nu' e + x);          e <- (1 - eta lam_dec) e - eta d u
+        nesterov:  g = nu' e + x;  u <- mu u + c g;    e <- (1 - eta lam_dec) e - eta d (g + mu u)
+
+    (``u`` on the right of ``e``'s update is the new one) in one pass: ``s = (u, e)`` becomes
+    ``M^steps s + S_steps b x`` (one step is ``s <- M s + b x``, M and b in csrc/contraction2.h)
+    with ``M^steps`` and ``S_steps = sum_{j<steps} M^j`` from binary powering (no inverse: exact as ``nu' -> 0`` and in the oscillating regime). ``d`` is the
+    per-element preconditioner (fp32, Adam's ``1/(sqrt(v) + eps)`` in the eigenbasis); ``None``
+    means ``d = 1``. ``x`` may be fp32, bf16 or fp16. With ``mu = 0, c = 1, d = 1, lam_dec = 0``
+    ``e`` follows ``e <- (1 - eta nu') e - eta x``, i.e. ``-e`` follows
+    :func:`contraction_accumulate`'s ``acc``. ``steps = 0`` leaves both untouched.
+    Returns ``(u, e)``.
+    """
+    _impl.contraction2_accumulate(u, e, x, s_out, s_in, d, lam=float(lam), lam_dec=float(lam_dec),
+                                  eta=float(eta), mu=float(mu), c=float(c), nesterov=bool(nesterov),
+                                  steps=int(steps))
+    return u, e
+
+
 if _NATIVE:  # shapes for tracing (torch.compile, FakeTensor); the real work is in csrc/
 
     def _nblocks(n: int, block: int) -> int:
@@ -102,6 +131,10 @@ if _NATIVE:  # shapes for tracing (torch.compile, FakeTensor); the real work is 
 
     @torch.library.register_fake("mini_unlearn::contraction_accumulate_q")
     def _(acc, codes, scales, s_out, s_in, lam, eta, steps, bits, block):
+        return None
+
+    @torch.library.register_fake("mini_unlearn::contraction2_accumulate")
+    def _(u, e, x, s_out, s_in, d, *, lam, lam_dec, eta, mu, c, nesterov, steps):
         return None
 
 

@@ -106,3 +106,63 @@ def contraction_accumulate_q(acc, codes, scales, s_out, s_in, lam: float, eta: f
                              bits: int, block: int) -> None:
     x = dequantize_blockwise(codes, scales, bits, block, acc.numel(), torch.float32)
     contraction_accumulate(acc, x, s_out, s_in, lam, eta, steps)
+
+
+def contraction2_system(nu: torch.Tensor, d: torch.Tensor | float, lam_dec: float, eta: float, mu: float,
+                        c: float, nesterov: bool):
+    """The one-step map ``s <- M s + b x`` of ``s = (u, e)`` (csrc/contraction2.h), float64:
+    ``M`` as its entries ``(m00, m01, m10, m11)`` and ``b`` as ``(b0, b1)``, each broadcast to
+    ``nu``'s shape."""
+    nu = nu.double()
+    d = d.double() if isinstance(d, torch.Tensor) else torch.full_like(nu, float(d))
+    gamma, k = (mu * mu, 1.0 + mu * c) if nesterov else (mu, c)
+    m = (torch.full_like(nu, mu), c * nu, -eta * d * gamma, 1.0 - eta * lam_dec - eta * d * k * nu)
+    b = (torch.full_like(nu, c), -eta * d * k)
+    return m, b
+
+
+def _mat2_mul(a, b):
+    return (a[0] * b[0] + a[1] * b[2], a[0] * b[1] + a[1] * b[3],
+            a[2] * b[0] + a[3] * b[2], a[2] * b[1] + a[3] * b[3])
+
+
+def _mat2_vec(a, v):
+    return (a[0] * v[0] + a[1] * v[1], a[2] * v[0] + a[3] * v[1])
+
+
+def contraction2_coeffs(m, b, steps: int):
+    """``(M^steps, S_steps b)`` with ``S_steps = sum_{j<steps} M^j`` by binary powering from the top
+    bit (``S_{2k} = S_k + M^k S_k``, ``M^{2k} = M^k M^k``; ``S_{k+1} = S_k + M^k``,
+    ``M^{k+1} = M^k M``): no inverse, so exact algebra for any ``M`` (``nu' = 0``, repeated or
+    complex eigenvalues). ``m``, ``b`` as returned by :func:`contraction2_system`."""
+    one, zero = torch.ones_like(m[0]), torch.zeros_like(m[0])
+    p, v = (one, zero, zero, one), (zero, zero)
+    for bit in reversed(range(int(steps).bit_length())):
+        pv = _mat2_vec(p, v)
+        v = (v[0] + pv[0], v[1] + pv[1])
+        p = _mat2_mul(p, p)
+        if (steps >> bit) & 1:
+            pb = _mat2_vec(p, b)
+            v = (v[0] + pb[0], v[1] + pb[1])
+            p = _mat2_mul(p, m)
+    return p, v
+
+
+def contraction2_accumulate(u, e, x, s_out, s_in, d, *, lam: float, lam_dec: float, eta: float, mu: float,
+                            c: float, nesterov: bool, steps: int) -> None:
+    """``(u, e) <- M^steps (u, e) + S_steps b x`` in place (csrc/contraction2.h), computed in
+    float64 from the plain powers of ``M`` (the kernel carries ``I - M^k``)."""
+    if steps < 0:
+        raise RuntimeError(f"mini_unlearn: steps must be >= 0, got {steps}")
+    if steps == 0:  # M^0 = I, S_0 = 0
+        return
+    nu = s_out.double()[:, None] * s_in.double()[None, :] + lam
+    dd = 1.0 if d is None else d.double().reshape(nu.shape)
+    m, b = contraction2_system(nu, dd, lam_dec, eta, mu, c, nesterov)
+    p, v = contraction2_coeffs(m, b, steps)
+    s = (u.double().reshape(nu.shape), e.double().reshape(nu.shape))
+    xd = x.double().reshape(nu.shape)
+    new_u = p[0] * s[0] + p[1] * s[1] + v[0] * xd
+    new_e = p[2] * s[0] + p[3] * s[1] + v[1] * xd
+    u.copy_(new_u.reshape(u.shape))
+    e.copy_(new_e.reshape(e.shape))

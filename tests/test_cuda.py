@@ -236,3 +236,91 @@ def test_storage_formats(fmt):
     torch.testing.assert_close(ops.rows_dot(rows, v), (w.double() @ v.double()).float(), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(ops.rows_axpy(y, rows, coeff), (y.double() + coeff.double() @ w.double()).float(),
                                rtol=1e-5, atol=1e-5)
+
+
+# ---- contraction2_accumulate (2-state momentum / Adam update) ----------------------------------
+
+from test_contraction2 import MUS as C2_MUS, STEPS as C2_STEPS, check_native as c2_check, make_inputs as c2_inputs  # noqa: E402
+
+
+@HYP
+@given(rows=st.integers(1, 40), cols=st.integers(1, 70), eta=st.floats(1e-4, 1.0),
+       mu=st.sampled_from(C2_MUS), c=st.floats(0.05, 1.0), nesterov=st.booleans(),
+       lam=st.sampled_from(LAMS), lam_dec=st.sampled_from((0.0, 0.01, 0.5)),
+       steps=st.one_of(st.sampled_from(C2_STEPS), st.integers(0, 3000)),
+       zmax=st.sampled_from((1e-7, 0.5, 1.0, 1.5, 1.9)), with_d=st.booleans(),
+       dtype=st.sampled_from(DTYPES), flat=st.booleans(), seed=st.integers(0, 2**20))
+def test_contraction2_matches_reference(rows, cols, eta, mu, c, nesterov, lam, lam_dec, steps, zmax,
+                                        with_d, dtype, flat, seed):
+    if flat:
+        rows, cols = rows * cols, 1
+    c2_check(rows, cols, eta=eta, mu=mu, c=c, nesterov=nesterov, lam=lam, lam_dec=lam_dec, steps=steps,
+             zmax=zmax, with_d=with_d, dtype=dtype, seed=seed, flat=flat, device=DEVICE)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize("mu", C2_MUS)
+def test_contraction2_matches_stepping(mu, nesterov):
+    for steps in C2_STEPS:
+        for with_d in (False, True):
+            c2_check(7, 37, eta=0.05, mu=mu, c=1.0 - mu if mu else 1.0, nesterov=nesterov, lam=1e-3,
+                     lam_dec=0.1, steps=steps, zmax=1.5, with_d=with_d, seed=steps, direct=True,
+                     device=DEVICE)
+
+
+def _misaligned(t: torch.Tensor | None, device: str) -> torch.Tensor | None:
+    """t on `device` as a contiguous view at a storage offset of one element (not 8-aligned)."""
+    if t is None:
+        return None
+    flat = torch.cat([t.new_zeros(1), t.reshape(-1)]).to(device)
+    return flat[1:].view(t.shape)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_d", [False, True])
+def test_contraction2_cuda_equals_cpu_kernel(with_d, dtype):
+    """The shared per-element math (contraction2.h, no FMA contraction on either side) gives the
+    CPU kernel's values bit for bit: 2-D and flat, 8-aligned and not (scalar loads)."""
+    kw = dict(lam=1e-3, lam_dec=0.01, eta=0.05, mu=0.9, c=0.1, nesterov=with_d, steps=1000)
+    for rows, cols, flat, shift in ((513, 1027, False, False), (4099, 1, True, False), (37, 29, False, True)):
+        u0, e0, x, s_out, s_in, d = c2_inputs(rows, cols, eta=0.05, mu=0.9, c=0.1, nesterov=with_d,
+                                              lam=1e-3, zmax=1.5, with_d=with_d, dtype=dtype, seed=rows,
+                                              flat=flat)
+        on = {}
+        for dev in ("cpu", DEVICE):
+            if shift:
+                args = [_misaligned(t, dev) for t in (u0, e0, x, d)]
+            else:
+                args = [None if t is None else t.to(dev).clone() for t in (u0, e0, x, d)]
+            u, e, xx, dd = args
+            ops.contraction2_accumulate(u, e, xx, s_out.to(dev), s_in.to(dev), dd, **kw)
+            on[dev] = (u.cpu(), e.cpu())
+        assert_equal(on[DEVICE][0], on["cpu"][0])
+        assert_equal(on[DEVICE][1], on["cpu"][1])
+
+
+def test_contraction2_bad_input_raises_clear_error():
+    N = torch.ops.mini_unlearn
+    u, e, x = (torch.zeros(4, 25, device=DEVICE) for _ in range(3))
+    so, si = torch.rand(4, device=DEVICE), torch.rand(25, device=DEVICE)
+    kw = dict(lam=0.0, lam_dec=0.0, eta=0.1, mu=0.9, c=0.1, nesterov=False, steps=3)
+    with pytest.raises(RuntimeError, match="u is on cuda.*but s_out is on cpu"):
+        N.contraction2_accumulate(u, e, x, so.cpu(), si, None, **kw)
+    with pytest.raises(RuntimeError, match="u is on cuda.*but d is on cpu"):
+        N.contraction2_accumulate(u, e, x, so, si, torch.ones(4, 25), **kw)
+    with pytest.raises(RuntimeError, match="u has 100 elements but the spectra describe 4 x 24"):
+        N.contraction2_accumulate(u, e, x, so, si[:24].contiguous(), None, **kw)
+    with pytest.raises(RuntimeError, match="steps must be >= 0"):
+        N.contraction2_accumulate(u, e, x, so, si, None, **{**kw, "steps": -1})
+    with pytest.raises(RuntimeError, match="eta must be a finite number"):
+        N.contraction2_accumulate(u, e, x, so, si, None, **{**kw, "eta": float("nan")})
+
+
+def test_contraction2_opcheck():
+    g = torch.Generator().manual_seed(0)
+    u, e, x, d = (torch.randn(10, 30, generator=g).to(DEVICE) for _ in range(4))
+    so, si = torch.rand(10, device=DEVICE), torch.rand(30, device=DEVICE)
+    kw = dict(lam=1e-3, lam_dec=0.01, eta=0.1, mu=0.9, c=0.1, nesterov=False, steps=156)
+    op = torch.ops.mini_unlearn.contraction2_accumulate.default
+    torch.library.opcheck(op, (u, e, x, so, si, d.abs()), kw)
+    torch.library.opcheck(op, (u, e, x.bfloat16(), so, si, None), {**kw, "nesterov": True})
