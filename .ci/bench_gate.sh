@@ -16,6 +16,10 @@ MIN_RATIO=${MIN_RATIO:-0.6}
 OUT=${OUT_DIR:-$(mktemp -d)}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# torch.compile's kernels are compiled into a cache of the gate's own: a shared
+# /tmp/torchinductor_$USER written by concurrent jobs has served a corrupt kernel (a heap
+# corruption abort in the compiled baseline) on a shared machine.
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$OUT/inductor_cache}
 
 bench() {  # bench MODE TRY: one quick run into $OUT/bench_MODE_TRY.json
   local mode=$1 try=$2 env=()
