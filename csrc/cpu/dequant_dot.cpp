@@ -192,9 +192,12 @@ void dequant_dot_impl(const uint8_t* codes, const float* scales, const scalar_t*
   // what the staging buffer holds.
   const int64_t span = std::max<int64_t>(1, (std::is_same_v<scalar_t, float> ? kSpan : kMaxBlock) / block);
   const int nthreads = at::get_num_threads();
-  std::vector<double> partial(static_cast<size_t>(nthreads) * k, 0.0);
+  // Each thread's k sums start a cache line (8 doubles) past the previous thread's last one:
+  // threads adding into one shared line would pass it between cores on every block.
+  const size_t stride = static_cast<size_t>((k + 7) / 8 * 8 + 8);
+  std::vector<double> partial(static_cast<size_t>(nthreads) * stride, 0.0);
   at::parallel_for(0, nb, grain_blocks(block), [&](int64_t b0, int64_t b1) {
-    double* acc = partial.data() + static_cast<size_t>(at::get_thread_num()) * k;
+    double* acc = partial.data() + static_cast<size_t>(at::get_thread_num()) * stride;
     alignas(64) float vbuf[kMaxBlock];
     alignas(64) float wbuf[4][kMaxBlock];
     for (int64_t bs = b0; bs < b1; bs += span) {
@@ -206,7 +209,7 @@ void dequant_dot_impl(const uint8_t* codes, const float* scales, const scalar_t*
   });
   for (int64_t j = 0; j < k; ++j) {
     double s = 0.0;
-    for (int t = 0; t < nthreads; ++t) s += partial[static_cast<size_t>(t) * k + j];
+    for (int t = 0; t < nthreads; ++t) s += partial[static_cast<size_t>(t) * stride + j];
     out[j] = static_cast<float>(s);
   }
 }
