@@ -28,6 +28,11 @@ codes in total are `numel` bytes (k rows of numel each would need 8 x the memory
 contraction_accumulate(_int8) always runs on one [4096, 4096] layer (16M elements), steps=156;
 so does contraction2_accumulate (momentum mu=0.9, c=0.1, decoupled decay, per-element d, fp32 x;
 its eager baseline is the 2x2 binary powering of mini_unlearn.reference in fp32).
+
+The JSON records which clone of the native CPU kernels ran ("cpu_isa": "avx512" or "avx2"). On
+an AVX-512 machine, MINI_UNLEARN_CPU_ISA=avx2 forces the AVX2 baseline clone; with
+ATEN_CPU_CAPABILITY=avx2 too, eager PyTorch and torch.compile run as on an AVX2-only CPU
+(.ci/bench_gate.sh runs both ways).
 """
 from __future__ import annotations
 
@@ -380,7 +385,8 @@ def run(quick: bool, device: str, repeats: int | None = None, log=print) -> dict
     largest = max(sizes)
     (t_copy,) = _median_interleaved([_copy_fn(8 * largest, device)], repeats, sync)
     copy_gbps = 8 * largest / t_copy / 1e9
-    log(f"copy: fp32 {largest} elements, {copy_gbps:.2f} GB/s ({torch.get_num_threads()} threads)")
+    log(f"copy: fp32 {largest} elements, {copy_gbps:.2f} GB/s ({torch.get_num_threads()} threads, "
+        f"native CPU kernels: {_cpu_isa()})")
     results = [_bench_row(name, numel, build_of(numel, name), device, repeats, eager_repeats, errors,
                           log, fresh.get((numel, name)))
                for numel, name in rows]
@@ -390,6 +396,8 @@ def run(quick: bool, device: str, repeats: int | None = None, log=print) -> dict
         "device": device,
         "results": results,
         "backend": backend(),
+        "cpu_isa": _cpu_isa(),
+        "aten_cpu_capability": os.environ.get("ATEN_CPU_CAPABILITY"),
         "torch": torch.__version__,
         "cpu": _cpu_name(),
         "quick": quick,
@@ -415,6 +423,15 @@ def run(quick: bool, device: str, repeats: int | None = None, log=print) -> dict
         "targets": {"ratio_to_copy": TARGET_COPY, "ratio_to_copy_contraction": TARGET_COPY_CONTRACTION,
                     "speedup_vs_eager": TARGET_EAGER, "contraction_vs_compile": 1.0},
     }
+
+
+def _cpu_isa():
+    """The native CPU kernels' instruction set ("avx512" or "avx2", forced by
+    MINI_UNLEARN_CPU_ISA=avx2); None without the native library."""
+    try:
+        return torch.ops.mini_unlearn.cpu_isa()
+    except (AttributeError, RuntimeError):
+        return None
 
 
 def _loadavg():

@@ -15,67 +15,71 @@ struct Segment {
   int nbits;
 };
 
-// A fixed-width float vector (gcc vector extension: 16 lanes, one zmm register under AVX-512,
-// two ymm under AVX2) with the operators the shared templates in contraction.h use, so the
-// per-element math is the header's, evaluated on 16 elements at a time.
-typedef float mu_v16f __attribute__((vector_size(64)));
+// A float vector of W lanes (gcc vector extension; W = the native width: 16 under AVX-512,
+// 8 under AVX2, so that one VF is one register) with the operators the shared templates in
+// contraction.h use, so the per-element math is the header's, evaluated on W elements at a time.
+template <int W>
 struct VF {
-  mu_v16f v;
+  using V = typename Vec<W>::f;
+  V v;
   VF() = default;
-  VF(mu_v16f x) : v(x) {}
-  explicit VF(float f) : v(mu_v16f{} + f) {}
-  friend VF operator+(VF a, VF b) { return a.v + b.v; }
-  friend VF operator-(VF a, VF b) { return a.v - b.v; }
-  friend VF operator*(VF a, VF b) { return a.v * b.v; }
+  MU_ALWAYS_INLINE VF(V x) : v(x) {}
+  MU_ALWAYS_INLINE explicit VF(float f) : v(V{} + f) {}
+  MU_ALWAYS_INLINE friend VF operator+(VF a, VF b) { return VF(a.v + b.v); }
+  MU_ALWAYS_INLINE friend VF operator-(VF a, VF b) { return VF(a.v - b.v); }
+  MU_ALWAYS_INLINE friend VF operator*(VF a, VF b) { return VF(a.v * b.v); }
+  MU_ALWAYS_INLINE static VF load(const float* p) {
+    V x;
+    std::memcpy(&x, p, sizeof x);
+    return VF(x);
+  }
+  MU_ALWAYS_INLINE void store(float* p) const { std::memcpy(p, &v, sizeof v); }
 };
-constexpr int kLanes = 16;
 
-// kChunk vectors (kChunk * 16 consecutive elements) through the whole powering loop in
+// kChunk vectors (kChunk * W consecutive elements) through the whole powering loop in
 // registers: independent chains hide the mul/add latency, and no loads or stores happen
 // inside the loop over the bits of `steps`.
-template <int kChunk>
-__attribute__((always_inline)) inline void contraction_vectors(float* acc, const float* x,
-                                                               const float* s, float s_fixed,
-                                                               const Segment& seg) {
-  VF z[kChunk], q[kChunk], sum[kChunk];
+template <int W, int kChunk>
+MU_ALWAYS_INLINE void contraction_vectors(float* acc, const float* x, const float* s, float s_fixed,
+                                          const Segment& seg) {
+  using V = VF<W>;
+  V z[kChunk], q[kChunk], sum[kChunk];
   // The top bit of `steps` is always set: from q = s = 0 its doubling is an exact no-op and its
   // increment gives s = 1, q = 0 + z * 1 = 0 + z, so start there (bit-identical, one step less).
   const bool top = seg.nbits > 0;
   for (int c = 0; c < kChunk; ++c) {
-    mu_v16f sv;
-    std::memcpy(&sv, s + c * kLanes, sizeof sv);
-    z[c] = VF(seg.eta) * (VF(s_fixed) * VF(sv) + VF(seg.lam));
-    q[c] = top ? VF(0.f) + z[c] : VF(0.f);
-    sum[c] = VF(top ? 1.f : 0.f);
+    z[c] = V(seg.eta) * (V(s_fixed) * V::load(s + c * W) + V(seg.lam));
+    q[c] = top ? V(0.f) + z[c] : V(0.f);
+    sum[c] = V(top ? 1.f : 0.f);
   }
   for (int b = seg.nbits - 2; b >= 0; --b) {
     for (int c = 0; c < kChunk; ++c) contraction_double(q[c], sum[c]);
     if ((seg.steps >> b) & 1)
       for (int c = 0; c < kChunk; ++c) contraction_increment(q[c], sum[c], z[c]);
   }
-  for (int c = 0; c < kChunk; ++c) {
-    mu_v16f av, xv;
-    std::memcpy(&av, acc + c * kLanes, sizeof av);
-    std::memcpy(&xv, x + c * kLanes, sizeof xv);
-    const VF r = contraction_apply(VF(av), VF(xv), VF(1.f) - q[c], VF(seg.eta) * sum[c]);
-    std::memcpy(acc + c * kLanes, &r.v, sizeof r.v);
-  }
+  for (int c = 0; c < kChunk; ++c)
+    contraction_apply(V::load(acc + c * W), V::load(x + c * W), V(1.f) - q[c], V(seg.eta) * sum[c])
+        .store(acc + c * W);
 }
 
-// One tile of n <= kTile elements whose nu' = s_fixed * s[t] + lam: groups of 64 and 16
+// One tile of n <= kTile elements whose nu' = s_fixed * s[t] + lam: groups of 4W and W
 // elements on vectors, the rest with the scalar form (the same operations in the same order,
-// so every element's result is the same whichever path computes it).
-MU_CLONES void contraction_tile(float* acc, const float* x, const float* s, float s_fixed,
-                                const Segment& seg, int64_t n) {
+// so every element's result is the same whichever path or ISA computes it).
+template <int W>
+MU_ALWAYS_INLINE void contraction_tile_body(float* acc, const float* x, const float* s, float s_fixed,
+                                            const Segment& seg, int64_t n) {
   int64_t t = 0;
-  for (; t + 4 * kLanes <= n; t += 4 * kLanes) contraction_vectors<4>(acc + t, x + t, s + t, s_fixed, seg);
-  for (; t + kLanes <= n; t += kLanes) contraction_vectors<1>(acc + t, x + t, s + t, s_fixed, seg);
+  for (; t + 4 * W <= n; t += 4 * W) contraction_vectors<W, 4>(acc + t, x + t, s + t, s_fixed, seg);
+  for (; t + W <= n; t += W) contraction_vectors<W, 1>(acc + t, x + t, s + t, s_fixed, seg);
   for (; t < n; ++t) {
     float a, c;
     contraction_coeffs(s_fixed * s[t] + seg.lam, seg.eta, seg.steps, a, c);
     acc[t] = contraction_apply(acc[t], x[t], a, c);
   }
 }
+MU_ISA_VARIANTS(void, contraction_tile,
+                (float* acc, const float* x, const float* s, float s_fixed, const Segment& seg, int64_t n),
+                (acc, x, s, s_fixed, seg, n))
 
 // Walks acc's flat range [e0, e1) in tiles that stay within one row (one s_out value) and,
 // for compressed x, within one quantisation block; `load_x(e, n, buf)` stages x[e, e + n).

@@ -55,7 +55,7 @@ void axpy_int8_avx2(float* y, const int8_t* const* wp, const float* c, int64_t n
 // y[i] += c[r] * w[r][i] for rows r < rows <= 4, in row order.
 void axpy_rows_int8(float* y, const int8_t* const* w, const float* c, int rows, int64_t n) {
 #ifdef MU_X86_KERNELS
-  const bool wide = cpu_has_avx512();
+  const bool wide = use_avx512();
   switch (rows) {
     case 4: return wide ? axpy_int8_avx512<4>(y, w, c, n) : axpy_int8_avx2<4>(y, w, c, n);
     case 3: return wide ? axpy_int8_avx512<3>(y, w, c, n) : axpy_int8_avx2<3>(y, w, c, n);
@@ -71,9 +71,11 @@ void axpy_rows_int8(float* y, const int8_t* const* w, const float* c, int rows, 
 #endif
 }
 
-MU_CLONES void axpy_f32(float* y, const float* w, float c, int64_t n) {
+template <int W>
+MU_ALWAYS_INLINE void axpy_f32_body(float* y, const float* w, float c, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += c * w[i];
 }
+MU_ISA_VARIANTS(void, axpy_f32, (float* y, const float* w, float c, int64_t n), (y, w, c, n))
 
 constexpr int64_t kSpan = 65536;
 

@@ -14,7 +14,8 @@ namespace {
 // first sums elements 32g + l, of the second 32g + 16 + l, one fused multiply-add each), adds
 // them lane by lane, reduces the 16 lanes in a fixed order (lane_sum16), then adds the tail in
 // order, so the result is the same on AVX-512, AVX2 and the generic loop, for any grouping of
-// rows. int4 rows are decoded to a float buffer and use the compiler-vectorised loops.
+// rows. int4 rows are decoded to a float buffer and summed with the same grouping
+// (dot_f32_rows_body).
 #ifdef MU_X86_KERNELS
 template <int R>
 MU_TARGET_AVX512 void dot_int8_avx512(const int8_t* const* cp, const float* v, int64_t n, float* out) {
@@ -87,7 +88,7 @@ void dot_int8_generic(const int8_t* const* c, int rows, const float* v, int64_t 
 // out[r] = sum_i c[r][i] * v[i] for rows r < rows <= 4.
 void dot_rows_int8(const int8_t* const* c, int rows, const float* v, int64_t n, float* out) {
 #ifdef MU_X86_KERNELS
-  const bool wide = cpu_has_avx512();
+  const bool wide = use_avx512();
   switch (rows) {
     case 4: return wide ? dot_int8_avx512<4>(c, v, n, out) : dot_int8_avx2<4>(c, v, n, out);
     case 3: return wide ? dot_int8_avx512<3>(c, v, n, out) : dot_int8_avx2<3>(c, v, n, out);
@@ -99,25 +100,53 @@ void dot_rows_int8(const int8_t* const* c, int rows, const float* v, int64_t n, 
 #endif
 }
 
-MU_CLONES void dot4_f32(const float* w0, const float* w1, const float* w2, const float* w3,
-                        const float* v, int64_t n, float* out) {
-  float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-  for (int64_t i = 0; i < n; ++i) {
-    s0 += w0[i] * v[i];
-    s1 += w1[i] * v[i];
-    s2 += w2[i] * v[i];
-    s3 += w3[i] * v[i];
+// Float dot products of R rows against v with the int8 path's fixed grouping: lane l of 16
+// partial sums adds elements 16g + l (multiply, then add), the lanes are reduced by
+// lane_sum16, then the tail is added in order. On AVX-512 the 16 lanes are one register, on
+// AVX2 two (W = 8: part p holds lanes 8p .. 8p + 7), so both give the same bits.
+template <int W, int R>
+MU_ALWAYS_INLINE void dot_f32_rows_body(const float* const* w, const float* v, int64_t n, float* out) {
+  using V = typename Vec<W>::f;
+  constexpr int P = 16 / W;
+  V acc[R][P] = {};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int p = 0; p < P; ++p) {
+      V vv;
+      std::memcpy(&vv, v + i + p * W, sizeof vv);
+      for (int r = 0; r < R; ++r) {
+        V ww;
+        std::memcpy(&ww, w[r] + i + p * W, sizeof ww);
+        acc[r][p] += ww * vv;
+      }
+    }
+  for (int r = 0; r < R; ++r) {
+    alignas(64) float t[16];
+    std::memcpy(t, acc[r], sizeof t);
+    float s = lane_sum16(t);
+    for (int64_t j = i; j < n; ++j) s += w[r][j] * v[j];
+    out[r] = s;
   }
-  out[0] = s0, out[1] = s1, out[2] = s2, out[3] = s3;
 }
 
-MU_CLONES float dot_f32(const float* a, const float* b, int64_t n) {
-  float s = 0.f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+template <int W>
+MU_ALWAYS_INLINE void dot4_f32_body(const float* w0, const float* w1, const float* w2, const float* w3,
+                                    const float* v, int64_t n, float* out) {
+  const float* w[4] = {w0, w1, w2, w3};
+  dot_f32_rows_body<W, 4>(w, v, n, out);
+}
+MU_ISA_VARIANTS(void, dot4_f32,
+                (const float* w0, const float* w1, const float* w2, const float* w3, const float* v,
+                 int64_t n, float* out),
+                (w0, w1, w2, w3, v, n, out))
+
+template <int W>
+MU_ALWAYS_INLINE float dot_f32_body(const float* a, const float* b, int64_t n) {
+  float s;
+  dot_f32_rows_body<W, 1>(&a, b, n, &s);
   return s;
 }
+MU_ISA_VARIANTS(float, dot_f32, (const float* a, const float* b, int64_t n), (a, b, n))
 
 // Blocks [bs, be) of every row against v (staged in vb): acc[j] += <W_j block, v block> * step
 // for each block in ascending order. Rows go four at a time through the whole span, so each
@@ -163,9 +192,12 @@ void dequant_dot_impl(const uint8_t* codes, const float* scales, const scalar_t*
   // what the staging buffer holds.
   const int64_t span = std::max<int64_t>(1, (std::is_same_v<scalar_t, float> ? kSpan : kMaxBlock) / block);
   const int nthreads = at::get_num_threads();
-  std::vector<double> partial(static_cast<size_t>(nthreads) * k, 0.0);
+  // Each thread's k sums start a cache line (8 doubles) past the previous thread's last one:
+  // threads adding into one shared line would pass it between cores on every block.
+  const size_t stride = static_cast<size_t>((k + 7) / 8 * 8 + 8);
+  std::vector<double> partial(static_cast<size_t>(nthreads) * stride, 0.0);
   at::parallel_for(0, nb, grain_blocks(block), [&](int64_t b0, int64_t b1) {
-    double* acc = partial.data() + static_cast<size_t>(at::get_thread_num()) * k;
+    double* acc = partial.data() + static_cast<size_t>(at::get_thread_num()) * stride;
     alignas(64) float vbuf[kMaxBlock];
     alignas(64) float wbuf[4][kMaxBlock];
     for (int64_t bs = b0; bs < b1; bs += span) {
@@ -177,7 +209,7 @@ void dequant_dot_impl(const uint8_t* codes, const float* scales, const scalar_t*
   });
   for (int64_t j = 0; j < k; ++j) {
     double s = 0.0;
-    for (int t = 0; t < nthreads; ++t) s += partial[static_cast<size_t>(t) * k + j];
+    for (int t = 0; t < nthreads; ++t) s += partial[static_cast<size_t>(t) * stride + j];
     out[j] = static_cast<float>(s);
   }
 }

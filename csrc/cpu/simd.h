@@ -7,36 +7,103 @@
 #include <cstring>
 #include "../quantize.h"
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 #if defined(__AVX__)
 #include <immintrin.h>
 #endif
 
-// The baseline build is AVX2+FMA (-mavx2 -mfma -mf16c). Hot loops are cloned for AVX-512
-// (x86-64-v4) and picked at load time by the CPU's features (gcc function multiversioning).
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define MU_CLONES __attribute__((target_clones("arch=x86-64-v4", "default")))
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+// The baseline build is AVX2+FMA+F16C (-mavx2 -mfma -mf16c). Hot loops are compiled twice, for
+// that baseline and for AVX-512, from one always-inline body (MU_ISA_VARIANTS below), and the
+// variant is picked at run time by cpu_isa(): the CPU's features, unless the environment
+// variable MINI_UNLEARN_CPU_ISA forces the baseline (see cpu_isa.cpp).
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__AVX2__) && defined(__FMA__)
+#define MU_X86_KERNELS 1
+// AVX-512 F/BW/DQ/VL/CD (x86-64-v4's ISA set); the loops gcc vectorises here use 512-bit
+// vectors (setup.py passes -mprefer-vector-width=512).
+#define MU_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512cd")))
+#endif
+#define MU_ALWAYS_INLINE __attribute__((always_inline)) inline
+
+namespace mini_unlearn {
+
+// Which clone of the hot loops runs. Read once per process: MINI_UNLEARN_CPU_ISA unset, empty,
+// "auto" or "native" picks AVX-512 when the CPU has it; "avx2" (or "baseline") forces the
+// baseline clone; "avx512" insists on AVX-512 (an error on a CPU without it).
+enum class CpuIsa : int { kBaseline = 0, kAvx512 = 1 };
+CpuIsa cpu_isa();           // csrc/cpu/cpu_isa.cpp
+const char* cpu_isa_name();  // "avx2" or "avx512" ("generic" off x86-64)
+
+inline bool use_avx512() {
+#ifdef MU_X86_KERNELS
+  static const bool wide = cpu_isa() == CpuIsa::kAvx512;
+  return wide;
 #else
-#define MU_CLONES
+  return false;
+#endif
+}
+
+}  // namespace mini_unlearn
+
+// MU_ISA_VARIANTS(ret, name, (params), (args)) defines name_avx512 and name_avx2 from the
+// always-inline template name_body<W> (W: the float lanes of one native vector, 16 or 8) and
+// `name` that calls the one use_avx512() picks. Both variants run the same per-element math;
+// a body whose result depends on a grouping must fix that grouping itself (not W).
+#ifdef MU_X86_KERNELS
+#define MU_ISA_VARIANTS(ret, name, params, args)                                            \
+  [[maybe_unused]] MU_TARGET_AVX512 __attribute__((noinline)) static ret name##_avx512 params { \
+    return name##_body<16> args;                                                            \
+  }                                                                                         \
+  [[maybe_unused]] __attribute__((noinline)) static ret name##_avx2 params {                \
+    return name##_body<8> args;                                                             \
+  }                                                                                         \
+  [[maybe_unused]] static inline ret name params {                                          \
+    return ::mini_unlearn::use_avx512() ? name##_avx512 args : name##_avx2 args;            \
+  }
+#else
+#define MU_ISA_VARIANTS(ret, name, params, args) \
+  [[maybe_unused]] static inline ret name params { return name##_body<8> args; }
 #endif
 
 namespace mini_unlearn {
+
+// gcc vector-extension types of W lanes (one register of the native width: 16 lanes under
+// AVX-512, 8 under AVX2); Vec<W>::f / Vec<W>::i are the float / int32 types.
+typedef float mu_v8f __attribute__((vector_size(32)));
+typedef float mu_v16f __attribute__((vector_size(64)));
+typedef int32_t mu_v8i __attribute__((vector_size(32)));
+typedef int32_t mu_v16i __attribute__((vector_size(64)));
+template <int W>
+struct Vec;
+template <>
+struct Vec<8> {
+  using f = mu_v8f;
+  using i = mu_v8i;
+};
+template <>
+struct Vec<16> {
+  using f = mu_v16f;
+  using i = mu_v16i;
+};
 
 // Elements a tile works on at once: staging buffers of this size stay in L1.
 constexpr int64_t kTile = 256;
 
 // bf16 <-> fp32 with c10::BFloat16's exact semantics (round to nearest even, NaN -> 0x7FC0),
 // written on the bit patterns so that the loops vectorise; fp16 through F16C (also RNE).
-[[maybe_unused]] MU_CLONES static void bf16_to_float(const uint16_t* x, int64_t n, float* out) {
+template <int W>
+MU_ALWAYS_INLINE void bf16_to_float_body(const uint16_t* x, int64_t n, float* out) {
   for (int64_t i = 0; i < n; ++i) {
     const uint32_t u = static_cast<uint32_t>(x[i]) << 16;
     std::memcpy(out + i, &u, 4);
   }
 }
+MU_ISA_VARIANTS(void, bf16_to_float, (const uint16_t* x, int64_t n, float* out), (x, n, out))
 
-[[maybe_unused]] MU_CLONES static void float_to_bf16(const float* x, int64_t n, uint16_t* out) {
+template <int W>
+MU_ALWAYS_INLINE void float_to_bf16_body(const float* x, int64_t n, uint16_t* out) {
   for (int64_t i = 0; i < n; ++i) {
     uint32_t u;
     std::memcpy(&u, x + i, 4);
@@ -44,6 +111,7 @@ constexpr int64_t kTile = 256;
     out[i] = x[i] != x[i] ? uint16_t(0x7FC0) : r;
   }
 }
+MU_ISA_VARIANTS(void, float_to_bf16, (const float* x, int64_t n, uint16_t* out), (x, n, out))
 
 static inline void half_to_float(const uint16_t* x, int64_t n, float* out) {
   int64_t i = 0;
@@ -91,18 +159,6 @@ inline void store_from_float(const float* buf, int64_t n, scalar_t* out) {
     for (int64_t i = 0; i < n; ++i) out[i] = static_cast<scalar_t>(buf[i]);
   }
 }
-
-// Hand-written AVX-512 / AVX2 kernels (where the compiler's own vectorisation is weak, e.g. the
-// int8 -> float widening) are picked once at run time by the CPU's features.
-#if defined(__GNUC__) && defined(__x86_64__) && defined(__AVX2__) && defined(__FMA__)
-#define MU_X86_KERNELS 1
-#define MU_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
-inline bool cpu_has_avx512() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
-  return ok;
-}
-#endif
 
 #ifdef MU_X86_KERNELS
 // 16 int8 codes -> 16 floats (vpmovsxbd + vcvtdq2ps; the all-ones-mask forms avoid gcc 12's
@@ -154,7 +210,7 @@ constexpr int64_t kStreamBytes = int64_t(16) << 20;
 #endif
 
 // dst[0, n) = src[0, n) with streaming stores where dst is 32-byte aligned.
-[[maybe_unused]] MU_CLONES static void stream_copy_f32(float* dst, const float* src, int64_t n) {
+[[maybe_unused]] static void stream_copy_f32(float* dst, const float* src, int64_t n) {
   int64_t i = 0;
 #ifdef MU_HAVE_STREAM
   for (; i < n && (reinterpret_cast<uintptr_t>(dst + i) & 31); ++i) dst[i] = src[i];
@@ -163,7 +219,7 @@ constexpr int64_t kStreamBytes = int64_t(16) << 20;
   for (; i < n; ++i) dst[i] = src[i];
 }
 
-[[maybe_unused]] MU_CLONES static void stream_copy_u8(uint8_t* dst, const uint8_t* src, int64_t n) {
+[[maybe_unused]] static void stream_copy_u8(uint8_t* dst, const uint8_t* src, int64_t n) {
   int64_t i = 0;
 #ifdef MU_HAVE_STREAM
   for (; i < n && (reinterpret_cast<uintptr_t>(dst + i) & 31); ++i) dst[i] = src[i];
@@ -185,18 +241,24 @@ inline void stream_fence() {
 
 namespace mini_unlearn {
 
-[[maybe_unused]] MU_CLONES static void decode_int8(const int8_t* codes, int64_t n, float step, float* out) {
+template <int W>
+MU_ALWAYS_INLINE void decode_int8_body(const int8_t* codes, int64_t n, float step, float* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(codes[i]) * step;
 }
+MU_ISA_VARIANTS(void, decode_int8, (const int8_t* codes, int64_t n, float step, float* out),
+                (codes, n, step, out))
 
 // Whole bytes: out[2j], out[2j+1] from the low and high nibble of bytes[j].
-[[maybe_unused]] MU_CLONES static void decode_int4_pairs(const uint8_t* bytes, int64_t npairs, float step, float* out) {
+template <int W>
+MU_ALWAYS_INLINE void decode_int4_pairs_body(const uint8_t* bytes, int64_t npairs, float step, float* out) {
   for (int64_t j = 0; j < npairs; ++j) {
     const uint8_t b = bytes[j];
     out[2 * j] = static_cast<float>(unpack_int4(b, 0)) * step;
     out[2 * j + 1] = static_cast<float>(unpack_int4(b, 1)) * step;
   }
 }
+MU_ISA_VARIANTS(void, decode_int4_pairs, (const uint8_t* bytes, int64_t npairs, float step, float* out),
+                (bytes, npairs, step, out))
 
 static inline void decode_int4(const uint8_t* codes, int64_t start, int64_t n, float step,
                                float* out) {
