@@ -30,6 +30,9 @@ IGNORE_INDEX = -100
 class GPTConfig:
     """Size of a :class:`GPT`.
 
+    The defaults (137k parameters) train on the Shakespeare bytes in a few minutes on two CPU
+    cores with ``default_recipe("gpt")``.
+
     Attributes:
         vocab_size: number of token ids (256 for bytes).
         seq_len: longest sequence the position embedding covers.
@@ -42,9 +45,9 @@ class GPTConfig:
     """
 
     vocab_size: int = 256
-    seq_len: int = 128
-    d_model: int = 128
-    n_layers: int = 4
+    seq_len: int = 64
+    d_model: int = 64
+    n_layers: int = 2
     n_heads: int = 4
     mlp_ratio: int = 4
     tie_weights: bool = False

@@ -221,6 +221,8 @@ class Recipe:
         warmup_steps: linear warm-up from ``lr / warmup_steps`` over the first steps (0: none).
         grad_clip: clip the minibatch gradient's global norm to this before the step (``None``:
             no clipping). ``step_callback`` then sees the clipped gradient.
+        max_steps: stop after this many steps of the full run (``None``: all ``epochs``); the
+            schedule (:func:`batch_schedule`, the cosine) is that of the truncated run.
     """
 
     name: Literal["lbfgs", "sgd"]
@@ -243,6 +245,7 @@ class Recipe:
     min_lr_ratio: float = 0.0
     warmup_steps: int = 0
     grad_clip: float | None = None
+    max_steps: int | None = None
 
     def __post_init__(self) -> None:
         if self.name not in ("lbfgs", "sgd"):
@@ -271,6 +274,8 @@ class Recipe:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1 or None, got {self.max_steps}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
 
@@ -308,11 +313,12 @@ _MINIBATCH: dict[tuple[str, str], dict[str, Any]] = {
     ("resnet", "adamw"): dict(weight_decay=5e-2, epochs=30, batch_size=128, lr=2e-3,
                               schedule="cosine"),
     ("gpt", "adamw"): dict(weight_decay=0.1, epochs=1, batch_size=32, lr=3e-3, betas=(0.9, 0.95),
-                           schedule="cosine", min_lr_ratio=0.1, warmup_steps=50, grad_clip=1.0),
+                           schedule="cosine", min_lr_ratio=0.1, warmup_steps=50, grad_clip=1.0,
+                           max_steps=1000),
     ("gpt", "momentum"): dict(weight_decay=0.0, epochs=1, batch_size=32, lr=0.1,
-                              schedule="cosine", warmup_steps=50, grad_clip=1.0),
+                              schedule="cosine", warmup_steps=50, grad_clip=1.0, max_steps=1000),
     ("gpt", "sgd"): dict(weight_decay=0.0, epochs=1, batch_size=32, lr=0.5, schedule="cosine",
-                         warmup_steps=50, grad_clip=1.0),
+                         warmup_steps=50, grad_clip=1.0, max_steps=1000),
 }
 
 
@@ -340,7 +346,7 @@ def default_recipe(kind: str, name: str | None = None, optimizer: str | None = N
     resnet        momentum   0.05  5e-4   128     30        cosine
     resnet        adamw      2e-3  5e-2   128     30        cosine
     resnet/cnn    sgd        0.1   5e-4   128     30/20     x0.2 every 10/8 epochs
-    gpt           adamw      3e-3  0.1    32      1         50 warm-up steps, cosine to 0.1 lr,
+    gpt           adamw      3e-3  0.1    32      1000 st.  50 warm-up steps, cosine to 0.1 lr,
                                                             betas (0.9, 0.95), clip 1.0
     ============  =========  ====  =====  ======  ========  ====================================
     """
@@ -386,6 +392,8 @@ def lr_at_step(recipe: Recipe, step: int, steps_per_epoch: int) -> float:
     if recipe.schedule == "step":
         return lr_at_epoch(recipe, step // spe)
     total = max(1, int(recipe.epochs) * spe)
+    if recipe.max_steps is not None:
+        total = min(total, int(recipe.max_steps))
     span = max(1, total - 1 - int(recipe.warmup_steps))
     p = min(1.0, max(0.0, (step - int(recipe.warmup_steps)) / span))
     r = float(recipe.min_lr_ratio)
@@ -414,19 +422,22 @@ def batch_schedule(n_train: int, recipe: Recipe) -> list[Tensor]:
     Each epoch is a fresh permutation (from one generator seeded with ``recipe.seed``) cut into
     batches of ``recipe.batch_size`` (the last one may be smaller). Full batch (``None`` or
     ``>= n_train``): one batch ``arange(n_train)`` per epoch. Batch ``k`` of epoch ``e`` is
-    element ``e * ceil(n_train / batch_size) + k``.
+    element ``e * ceil(n_train / batch_size) + k``. ``recipe.max_steps`` truncates the list.
     """
     n_train = int(n_train)
     if n_train < 1:
         raise ValueError(f"n_train must be >= 1, got {n_train}")
     bs = recipe.batch_size
+    cap = recipe.max_steps
     if bs is None or bs >= n_train:
-        return [torch.arange(n_train) for _ in range(recipe.epochs)]
+        return [torch.arange(n_train) for _ in range(min(recipe.epochs, cap or recipe.epochs))]
     g = torch.Generator().manual_seed(int(recipe.seed))
     out: list[Tensor] = []
     for _ in range(recipe.epochs):
         perm = torch.randperm(n_train, generator=g)
         out.extend(perm.split(bs))
+        if cap is not None and len(out) >= cap:
+            return out[:cap]
     return out
 
 
