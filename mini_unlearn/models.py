@@ -404,12 +404,13 @@ def lr_at_epoch(recipe: Recipe, epoch: int) -> float:
     """Learning rate at the start of ``epoch`` (0-based).
 
     Step schedule: ``lr * gamma ** (epoch // lr_decay_epochs)`` (constant without
-    ``lr_decay_epochs``). Cosine: the cosine value at the epoch's start, ignoring warm-up
-    (``lr_at_step`` gives the per-step rate :func:`train` uses).
+    ``lr_decay_epochs``). Cosine: the cosine at fraction ``epoch / epochs`` of the run, ignoring
+    warm-up and ``max_steps`` (so the last epoch's rate is not 0; ``lr_at_step`` gives the
+    per-step rate :func:`train` uses).
     """
     if recipe.schedule == "cosine":
         r = float(recipe.min_lr_ratio)
-        p = min(1.0, max(0.0, epoch / max(1, int(recipe.epochs) - 1)))
+        p = min(1.0, max(0.0, epoch / max(1, int(recipe.epochs))))
         return float(recipe.lr) * (r + (1.0 - r) * 0.5 * (1.0 + math.cos(math.pi * p)))
     if recipe.lr_decay_epochs is None:
         return float(recipe.lr)
