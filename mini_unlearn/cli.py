@@ -51,7 +51,8 @@ def _config(args: argparse.Namespace):
     seeds = _number_list(args.seeds, int, "--seeds") if args.seeds is not None else (args.seed,)
     cfg = Config(data=args.data, model=args.model, forget_ratio=ratios[0], methods=methods,
                  seed=seeds[0], recipe=args.recipe, epochs=args.epochs, checkpoints=args.checkpoints,
-                 compression=args.compression, device=args.device, seeds=seeds, forget_ratios=ratios)
+                 compression=args.compression, device=args.device, seeds=seeds, forget_ratios=ratios,
+                 optimizer=args.optimizer, train_subset=args.train_subset)
     try:
         cfg.validate()
         load_dataset(cfg.data, seed=cfg.seed)  # fail fast on a missing or malformed file
@@ -171,7 +172,7 @@ def _build_parser() -> argparse.ArgumentParser:
                                    "Avg.Gap marked; the JSON keeps every run and the aggregates; the "
                                    "plot shows Avg.Gap against speed-up over retraining.")
     p.add_argument("--data", default="mnist5k", help="digits, mnist5k, fashion-mnist or PATH.npz")
-    p.add_argument("--model", default="mlp", help="logreg or mlp")
+    p.add_argument("--model", default="mlp", help="logreg, mlp, cnn, resnet or gpt (see models.MODEL_KINDS)")
     p.add_argument("--forget-ratio", default="0.3",
                    help="fraction of training data to forget, in (0, 1); comma-separated for a sweep")
     p.add_argument("--methods", default=",".join(ALL_METHODS), help="comma-separated list")
@@ -181,6 +182,10 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", choices=["lbfgs", "sgd"], default=None,
                    help="training recipe (default: lbfgs for logreg, sgd for mlp)")
     p.add_argument("--epochs", type=int, default=None, help="override the recipe's SGD epochs")
+    p.add_argument("--optimizer", choices=["sgd", "momentum", "adamw"], default=None,
+                   help="minibatch optimizer (default: the model's recipe; the Recorder attaches to it)")
+    p.add_argument("--train-subset", type=int, default=None, metavar="N",
+                   help="train on a seeded, class-stratified subset of N training samples (quick runs)")
     p.add_argument("--checkpoints", type=int, default=10, help="trajectory checkpoints K")
     p.add_argument("--compression", default="int8", choices=["int8", "int4", "bf16", "fp32"])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import models as M
-from .data import forget_split, load_dataset
+from .data import train_subset, forget_split, load_dataset
 from .evaluate import avg_gap, evaluate, param_distance, peak_rss_bytes
 from .recorder import Recorder
 from .unlearn import unlearn
@@ -35,6 +35,10 @@ class Config:
     compression: str = "int8"
     device: str = "cpu"
     refresh_passes: int = 8
+    #: minibatch optimizer: "sgd", "momentum" or "adamw" (None: the recipe's default)
+    optimizer: str | None = None
+    #: train on a seeded, class-stratified subset of this many training samples
+    train_subset: int | None = None
     #: A sweep: these seeds (default: ``(seed,)``) ...
     seeds: tuple[int, ...] | None = None
     #: ... times these forget ratios (default: ``(forget_ratio,)``).
@@ -73,16 +77,18 @@ class Config:
             raise ValueError(f"unknown model {self.model!r}; choose from {', '.join(M.MODEL_KINDS)}")
         if self.recipe not in (None, "lbfgs", "sgd"):
             raise ValueError(f"unknown recipe {self.recipe!r}; choose lbfgs or sgd")
+        if self.optimizer not in (None, *M.OPTIMIZERS):
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose from {', '.join(M.OPTIMIZERS)}")
+        if self.optimizer is not None and self.recipe == "lbfgs":
+            raise ValueError("--optimizer applies to minibatch recipes, not --recipe lbfgs")
+        if self.train_subset is not None and self.train_subset < 2:
+            raise ValueError(f"--train-subset must be >= 2, got {self.train_subset}")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda but no CUDA device is available")
 
 
-def _pass_batch(rec_min: Recorder, rec_all: Recorder | None):
-    def step(lr, indices=None):
-        rec_min.step(lr)
-        if rec_all is not None:
-            rec_all.step(lr, indices=indices)
-    return step
+def _plain_sgd(recipe) -> bool:
+    return recipe.name == "sgd" and getattr(recipe, "optimizer", "sgd") == "sgd"
 
 
 def _train_original(cfg: Config, seed: int, progress: bool) -> dict:
@@ -92,7 +98,9 @@ def _train_original(cfg: Config, seed: int, progress: bool) -> dict:
     """
     dev = torch.device(cfg.device)
     ds = load_dataset(cfg.data, seed=seed)
-    recipe = M.default_recipe(cfg.model, cfg.recipe)
+    if cfg.train_subset is not None and cfg.train_subset < ds.n_train:
+        ds = train_subset(ds, cfg.train_subset, seed=seed)
+    recipe = M.default_recipe(cfg.model, cfg.recipe, cfg.optimizer)
     recipe.seed = seed
     if cfg.epochs is not None:
         recipe.epochs = cfg.epochs
@@ -108,14 +116,20 @@ def _train_original(cfg: Config, seed: int, progress: bool) -> dict:
     sgd = recipe.name == "sgd"
     steps = len(M.batch_schedule(ds.n_train, recipe)) if sgd else None
     model = fresh()
+    # The Recorder attaches to the optimizer (any supported one); DeltaGrad's full history is
+    # recorded by hand, for plain SGD only (it replays w <- w - lr g).
     rec = Recorder(model, checkpoints=cfg.checkpoints if sgd else 0, compression=cfg.compression,
                    total_steps=steps)
     rec_all = Recorder(model, checkpoints=0, compression=cfg.compression, history="all") \
-        if (sgd and "deltagrad" in cfg.methods) else None
+        if (_plain_sgd(recipe) and "deltagrad" in cfg.methods) else None
     t0 = time.perf_counter()
-    M.train(model, X, y, recipe, step_callback=_pass_batch(rec, rec_all), progress=progress)
+    M.train(model, X, y, recipe, optimizer_callback=rec.attach if sgd else None,
+            step_callback=(lambda lr, indices=None: rec_all.step(lr, indices=indices)) if rec_all else None,
+            progress=progress)
     train_seconds = time.perf_counter() - t0
-    log = rec.finalize((X, y), M.loss_fn, weight_decay=recipe.weight_decay, progress=progress)
+    # λ of the objective (one-shot/refresh); an attached log's trajectory uses the optimizer's own
+    log = rec.finalize((X, y), M.loss_fn, weight_decay=None if getattr(recipe, "optimizer", "sgd") == "adamw"
+                       else recipe.weight_decay, progress=progress)
     log_all = rec_all.finalize((X, y), M.loss_fn, weight_decay=recipe.weight_decay,
                                progress=progress) if rec_all else None
     return dict(seed=seed, dev=dev, ds=ds, recipe=recipe, n_val=n_val, X=X, y=y, val=val, test=test,
@@ -160,9 +174,9 @@ def _unlearn_ratio(cfg: Config, ctx: dict, ratio: float) -> dict:
 
     results = {}
     for name in cfg.methods:
-        if name == "deltagrad" and not sgd:
-            results[name] = {"skipped": "DeltaGrad replays SGD/GD steps; the lbfgs recipe has none "
-                                        "(use --recipe sgd)"}
+        if name == "deltagrad" and not _plain_sgd(recipe):
+            results[name] = {"skipped": "DeltaGrad replays plain SGD steps (w <- w - lr g); this recipe "
+                                        "has none (use --recipe sgd --optimizer sgd)"}
             continue
         res = ref_res if name == "retrain" else unlearn(model, **common, **kwargs[name])
         m = evaluate(res.model, forget, retain, test, reference=reference, original=model,

@@ -7,6 +7,14 @@
 #include <cstring>
 #include "simd.h"
 
+// This op keeps gcc's function multi-versioning (an AVX-512 clone picked at load time; the
+// default clone is the -mavx2 -mfma baseline); its inner loop is written on explicit vectors.
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(MU_CLONES)
+#define MU_CLONES __attribute__((target_clones("arch=x86-64-v4", "default")))
+#elif !defined(MU_CLONES)
+#define MU_CLONES
+#endif
+
 namespace mini_unlearn {
 namespace {
 

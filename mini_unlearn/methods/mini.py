@@ -399,7 +399,11 @@ def _trajectory(model, layout, log, forget, loss_fn, n, r, lam, w_a, segments, b
                     ops.contraction_accumulate(acc, x, s_out.contiguous(), s_in.contiguous(), lam=rule.lam,
                                                eta=rule.eta, steps=steps)
                     e.copy_(-acc)
-                else:
+                elif not bs.white and not bool(bad.any()):  # the fused 2-state kernel
+                    ops.contraction2_accumulate(u, e, x, s_out.contiguous(), s_in.contiguous(), dm,
+                                                lam=rule.lam, lam_dec=rule.lam_dec, eta=rule.eta, mu=rule.mu,
+                                                c=rule.c, nesterov=rule.nesterov, steps=steps)
+                else:  # per-element curvature (clipped directions, Adam's whitened basis)
                     _contract2(u, e, x, nu_p, dm, rule, steps)
     bar.close()
     w = w_a.clone()
