@@ -131,7 +131,8 @@ class _Closed:
 
 
 def _to_cpu(c: Compressed) -> Compressed:
-    return Compressed(c.fmt, c.data.cpu(), None if c.scales is None else c.scales.cpu(), c.numel, c.block)
+    # once per closed segment (never per step): the compressed segment leaves the device
+    return Compressed(c.fmt, c.data.to("cpu"), None if c.scales is None else c.scales.to("cpu"), c.numel, c.block)
 
 
 class Recorder:

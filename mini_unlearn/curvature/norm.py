@@ -52,6 +52,17 @@ class NormRule(LayerRule):
             return F.layer_norm(x, m.normalized_shape, eps=m.eps)
         return F.rms_norm(x, m.normalized_shape, eps=m.eps)  # RMSNorm
 
+    def _from_output_ok(self, module, w, b) -> bool:
+        """Whether x̂ can be read from the output (γ away from 0, β/γ moderate): decided once per
+        weight version, so the batch loop does not sync with the device."""
+        cache = self.__dict__.setdefault("_ok", {})
+        key = (id(module), module.weight._version, getattr(module.bias, "_version", None))
+        if key not in cache:
+            aw = w.abs()
+            cache.clear() if len(cache) > 256 else None
+            cache[key] = not (float(aw.min()) < 1e-2 or float((b.abs() / aw).max()) > 1e2)
+        return cache[key]
+
     def prepare(self, module, x, y):
         """x̂ = (y − β)/γ from the output (one elementwise pass) where γ is safely away from 0
         and β/γ is moderate; otherwise recomputed from the input with the layer's statistics."""
@@ -61,8 +72,7 @@ class NormRule(LayerRule):
         w = w.detach().float()
         b = getattr(module, "bias", None)
         b = torch.zeros_like(w) if b is None else b.detach().float()
-        aw = w.abs()
-        if float(aw.min()) < 1e-2 or float((b.abs() / aw).max()) > 1e2:
+        if not self._from_output_ok(module, w, b):
             return self.normalized(module, x)
         if isinstance(module, (nn.LayerNorm,) + _RMS):
             return (y - b) / w

@@ -27,11 +27,13 @@ def _check(out: torch.Tensor, y: torch.Tensor, fisher: str) -> None:
             f"other losses")
 
 
-def _scale(p: torch.Tensor, onehot: torch.Tensor, g_out: torch.Tensor) -> float:
-    """s with ∂loss/∂logits ≈ s·(p − e_y) over the valid positions (least squares)."""
+def _scale(p: torch.Tensor, onehot: torch.Tensor, g_out: torch.Tensor) -> torch.Tensor:
+    """s with ∂loss/∂logits ≈ s·(p − e_y) over the valid positions (least squares), as a
+    0-dim tensor on the device (no host sync in the batch loop)."""
     r = p - onehot
-    den = float((r * r).sum())
-    return max(0.0, float((g_out.float() * r).sum()) / den) if den > 0 else 0.0
+    den = (r * r).sum()
+    num = (g_out.float() * r).sum()
+    return torch.where(den > 0, num / den.clamp_min(1e-30), torch.zeros_like(den)).clamp_min(0)
 
 
 def sample_uniforms(x, n: int, draws: int, positions: int, seed: int, device) -> torch.Tensor:
@@ -70,9 +72,7 @@ def pseudo_grads(out: torch.Tensor, y, g_out: torch.Tensor, fisher: str, *, mc_s
     p = torch.softmax(out.detach().float(), dim=-1)
     valid = ((y >= 0) & (y < V)).unsqueeze(-1).float()
     onehot = F.one_hot(y.clamp(0, V - 1).long(), V).float() * valid
-    s = _scale(p * valid, onehot, g_out)
-    if s == 0.0:
-        return []
+    s = _scale(p * valid, onehot, g_out)  # s = 0 (no dependence) gives zero vectors
     if fisher == "ggn":
         sp = (p * s).sqrt() * valid
         vs = []
@@ -88,7 +88,7 @@ def pseudo_grads(out: torch.Tensor, y, g_out: torch.Tensor, fisher: str, *, mc_s
     u = sample_uniforms(x, B, mc_samples, P, seed, p.device).view(mc_samples, *p.shape[:-1], 1)
     cdf = p.double().cumsum(-1)
     vs = []
-    k = math.sqrt(s / mc_samples)
+    k = (s / mc_samples).sqrt()
     for m in range(mc_samples):
         yhat = torch.searchsorted(cdf, u[m] * cdf[..., -1:]).clamp_max(V - 1)
         v = F.one_hot(yhat.squeeze(-1), V).float() - p

@@ -2,6 +2,8 @@
 normalisation layers in the mode training used and their running statistics left untouched."""
 from __future__ import annotations
 
+import math
+
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -161,6 +163,8 @@ def _pass(model, layout, data, loss_fn, curvature, blocks, diag_names, fisher, b
     sums = PassSums(grad=torch.zeros(layout.numel, device=device))
     if curvature:
         sums.diag = torch.zeros(sum(layout.numels[layout.index[n]] for n in diag_names), device=device)
+    # Loss sum and a non-finite flag stay on the device: one host sync per pass, not per batch.
+    loss_sum = torch.zeros((), dtype=torch.float64, device=sums.grad.device)
     try:
         for x, y in batches(data, batch_size, device):
             for v in seen.values():
@@ -168,8 +172,6 @@ def _pass(model, layout, data, loss_fn, curvature, blocks, diag_names, fisher, b
             out = model(x)
             bsz = x.shape[0]
             loss = loss_fn(out, y) * bsz
-            if not torch.isfinite(loss):
-                raise NonFiniteError("the loss is NaN/Inf on a batch: check the model and the data")
             outs = [(key, j, o) for key in hooked for j, (_, o) in enumerate(seen[key])
                     if torch.is_tensor(o) and o.requires_grad] if curvature else []
             extra = [o for _, _, o in outs] + ([out] if curvature else [])
@@ -177,7 +179,7 @@ def _pass(model, layout, data, loss_fn, curvature, blocks, diag_names, fisher, b
                                         allow_unused=True)
             g = layout.flatten([torch.zeros_like(p) if gi is None else gi for gi, p in zip(grads, params)])
             sums.grad += g
-            sums.loss += float(loss.detach())
+            loss_sum += loss.detach().double()
             sums.n += bsz
             if curvature:
                 g_out = grads[-1] if grads[-1] is not None else torch.zeros_like(out)
@@ -194,6 +196,9 @@ def _pass(model, layout, data, loss_fn, curvature, blocks, diag_names, fisher, b
             h.remove()
         for v in seen.values():
             v.clear()
+    sums.loss = float(loss_sum)
+    if not math.isfinite(sums.loss):
+        raise NonFiniteError("the loss is NaN/Inf on some batch of this pass: check the model and the data")
     if not torch.isfinite(sums.grad).all():
         raise NonFiniteError("NaN/Inf in the gradient: check the model, the data and the loss")
     for side in ("A", "G"):
