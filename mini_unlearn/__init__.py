@@ -5,8 +5,8 @@ set's influence with Mini-Unlearning (contraction mapping + minimal history) far
 retraining; baselines, evaluation against retraining and MIA, and kernel benchmarks included.
 """
 from ._backend import backend, has_cuda_kernels
-from .errors import (ForgetSetError, LineSearchError, LogFormatError, LogMismatchError,
-                     MiniUnlearnError, NonFiniteError)
+from .errors import (CurvatureScaleError, ForgetSetError, LineSearchError, LogFormatError,
+                     LogMismatchError, MiniUnlearnError, NonFiniteError, UnsupportedTrainingError)
 from . import ops
 from .log import GradientLog
 from .recorder import Recorder
@@ -18,5 +18,5 @@ __all__ = [
     "backend", "has_cuda_kernels", "ops", "__version__", "GradientLog", "Recorder", "unlearn",
     "UnlearnResult",
     "MiniUnlearnError", "LogFormatError", "LogMismatchError", "ForgetSetError", "NonFiniteError",
-    "LineSearchError",
+    "LineSearchError", "UnsupportedTrainingError", "CurvatureScaleError",
 ]

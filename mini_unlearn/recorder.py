@@ -163,7 +163,12 @@ class Recorder:
             Unknown: segments start at one step and pairs merge as they exceed 2K.
         grad_includes_weight_decay: True if ``p.grad`` at ``step`` already contains λw
             (weight decay written into the loss), False if the optimizer applies it.
-        fisher: "ggn" (softmax cross-entropy GGN, exact per class) or "empirical" (any loss).
+        fisher: the output-side curvature: "ggn" (softmax cross-entropy GGN, exact: one backward
+            per class), "mc" (Monte-Carlo Fisher: ``mc_samples`` labels drawn from the model's
+            own softmax, one backward each; for many classes and for the ≤ 2× epoch budget of
+            convolutional nets), "empirical" (any loss), or "auto" (default: "ggn" up to 64
+            classes, "mc" above).
+        mc_samples: draws per sample for fisher="mc".
         history: "minimal" (Mini-Unlearning) or "all" (every iterate, gradient and batch, for
             DeltaGrad; pass ``indices=`` to ``step``).
         block: quantisation block size.
@@ -173,10 +178,14 @@ class Recorder:
     def __init__(self, model: nn.Module, checkpoints: int = 10, compression: str = "int8",
                  curvature: str = "kfac", params: list[str] | None = None,
                  total_steps: int | None = None, grad_includes_weight_decay: bool = False,
-                 fisher: str = "ggn", history: str = "minimal", block: int = 256,
+                 fisher: str = "auto", history: str = "minimal", block: int = 256, mc_samples: int = 1,
                  spill_dir: str | os.PathLike | None = None):
         if curvature not in ("kfac", "exact"):
             raise ValueError(f"curvature must be 'kfac' or 'exact', got {curvature!r}")
+        if fisher not in ("auto", "ggn", "mc", "empirical"):
+            raise ValueError(f"fisher must be 'auto', 'ggn', 'mc' or 'empirical', got {fisher!r}")
+        if int(mc_samples) < 1:
+            raise ValueError(f"mc_samples must be >= 1, got {mc_samples}")
         if history not in ("minimal", "all"):
             raise ValueError(f"history must be 'minimal' or 'all', got {history!r}")
         if checkpoints < 0:
@@ -188,7 +197,7 @@ class Recorder:
         if curvature == "exact" and self.layout.numel > 4096:
             raise ValueError(f"curvature='exact' stores a dense Hessian: only for d <= 4096 "
                              f"parameters, this model has {self.layout.numel}; use 'kfac'")
-        self.fisher, self.history, self.block = fisher, history, block
+        self.fisher, self.history, self.block, self.mc_samples = fisher, history, block, int(mc_samples)
         self.grad_includes_wd = grad_includes_weight_decay
         self.spill_dir = None if spill_dir is None else os.fspath(spill_dir)
         if self.spill_dir is not None:
@@ -381,6 +390,10 @@ class Recorder:
         blocks, diag_names = kron_blocks(model, layout)
         exact = self.curvature == "exact"
         mode_kw = _mode_kwargs(self.train_mode)
+        if self.fisher == "auto":
+            self.fisher = "ggn" if _num_outputs(model, train_data, device) <= 64 else "mc"
+        if self.fisher == "mc":
+            mode_kw.update(mc_samples=self.mc_samples, seed=0)
         bar = tqdm(total=n, desc="mini_unlearn: anchor + curvature pass", disable=not progress, leave=False)
         try:
             sums = data_pass(model, layout, train_data, loss_fn, curvature=not exact, blocks=blocks,
@@ -394,7 +407,7 @@ class Recorder:
         log.put("anchor/g", sums.grad / n, exact=True)
         meta = log.meta
         meta.update(n_train=n, weight_decay=lam, loss_reduction="mean", anchor_loss=sums.loss / n,
-                    curvature=self.curvature, fisher=self.fisher, history=self.history,
+                    curvature=self.curvature, fisher=self.fisher, mc_samples=self.mc_samples, history=self.history,
                     steps_recorded=self.steps, grad_includes_weight_decay=self.grad_includes_wd,
                     train_mode=bool(self.train_mode))
         if self._optim is not None:
@@ -507,6 +520,16 @@ def segment_weights(log: GradientLog, k: int, w_a: torch.Tensor) -> torch.Tensor
     if "ckpt/w" in log.row_lists:
         return log.row("ckpt/w", k).to(w_a.device)
     return w_a + log.row("ckpt/wdiff", k).to(w_a.device)
+
+
+def _num_outputs(model: nn.Module, data, device) -> int:
+    """The size of the model's last output axis (classes / vocabulary), from one sample."""
+    import copy as _copy
+
+    x, _ = next(iter(_batches.batches(data, 1, device)))
+    probe = _copy.deepcopy(model).eval()
+    with torch.no_grad():
+        return int(probe(x).shape[-1])
 
 
 def _mode_kwargs(train_mode: bool) -> dict:

@@ -33,6 +33,8 @@ def forget_pass(model, layout: Layout, log, w: torch.Tensor, forget, loss_fn, *,
     sums = data_pass(model, layout, forget, loss_fn, curvature=curvature and not exact, blocks=blocks,
                      diag_names=log.meta.get("diag_params", []) if curvature else (),
                      fisher=log.meta.get("fisher", "ggn"), batch_size=batch_size, device=device,
+                     **({"mc_samples": int(log.meta.get("mc_samples", 1)), "seed": 0}
+                        if log.meta.get("fisher") == "mc" else {}),
                      **(mode_kw or _mode_kwargs(log.meta.get("train_mode", False))))
     if curvature and exact:
         sums.A["hessian"] = dense_hessian(model, layout, forget, loss_fn, batch_size, device)
