@@ -26,8 +26,10 @@ data: $(FASHION)/.complete $(SHAKESPEARE)
 
 $(FASHION)/.complete:
 	rm -rf $(DATA)/.deb && mkdir -p $(DATA)/.deb $(FASHION)
-	cd $(DATA)/.deb && apt-get download dataset-fashion-mnist || { echo "apt-get download \
-	dataset-fashion-mnist failed: run 'apt-get update' once (or install the package)" >&2; exit 1; }
+	cd $(DATA)/.deb && { apt-get download dataset-fashion-mnist 2>/dev/null || \
+	{ apt-get update -qq >/dev/null 2>&1 || true; apt-get download dataset-fashion-mnist; } || \
+	{ echo "apt-get download dataset-fashion-mnist failed: run 'apt-get update' once (as root), \
+	or install the package" >&2; exit 1; }; }
 	dpkg -x $(DATA)/.deb/dataset-fashion-mnist_*.deb $(DATA)/.deb/root
 	cp $(DATA)/.deb/root/usr/share/datasets/fashion-mnist/*-ubyte.gz $(FASHION)/
 	rm -rf $(DATA)/.deb
