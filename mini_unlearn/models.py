@@ -1,7 +1,7 @@
 """Models, training recipes and the training loops the unlearning methods replay.
 
 The objective everywhere is ``F(w) = mean cross-entropy + (weight_decay / 2) * ||w||^2`` over
-**all** parameters (weights and biases) -- the ``F`` of DESIGN §2.
+**all** parameters (weights and biases) -- the ``F`` of docs/math.md
 
 - :func:`make_model`: ``"logreg"`` (one ``nn.Linear``), ``"mlp"`` (Linear-ReLU-Linear, 128
   hidden units), ``"cnn"`` (a tiny conv net for fast tests), ``"resnet"`` (a small

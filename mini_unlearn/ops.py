@@ -76,7 +76,7 @@ def contraction2_accumulate(u: torch.Tensor, e: torch.Tensor, x: torch.Tensor, s
                             s_in: torch.Tensor, d: torch.Tensor | None = None, *, lam: float,
                             lam_dec: float = 0.0, eta: float, mu: float, c: float,
                             nesterov: bool = False, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fused 2-state trajectory update (DESIGN §2.7: SGD with momentum, Nesterov, Adam/AdamW)
+    """The fused 2-state trajectory update (docs/math.md: SGD with momentum, Nesterov, Adam/AdamW)
     of one segment and one layer, in place on ``u`` and ``e`` (fp32, ``[len(s_out), len(s_in)]``,
     or flat with ``s_in`` of length 1).
 

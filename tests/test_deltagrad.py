@@ -1,4 +1,4 @@
-"""DeltaGrad (DESIGN §2.3): replay of the recorded SGD run without the forget set, against
+"""DeltaGrad (docs/math.md): replay of the recorded SGD run without the forget set, against
 retraining with the same recipe, initialisation and batch sequence minus the forget samples."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Mini-Unlearning on real data (DESIGN §2.2, §2.6): one-shot and refresh on converged logistic
+"""Mini-Unlearning on real data (docs/math.md): one-shot and refresh on converged logistic
 regression against the exact retained optimum; input validation; the caller's model is safe."""
 import copy
 

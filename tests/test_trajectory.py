@@ -1,4 +1,4 @@
-"""Trajectory mode (DESIGN §2.2, issue 4): SGD-trained models on MNIST-5k against retraining with
+"""Trajectory mode (docs/math.md, issue 4): SGD-trained models on MNIST-5k against retraining with
 the same recipe, initialisation and batch sequence minus the forget samples."""
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Curvature of the training loss at a point (DESIGN §2.1, §2.9): K-FAC factors per layer
+"""Curvature of the training loss at a point (docs/math.md): K-FAC factors per layer
 (nn.Linear; nn.Conv2d by KFC), closed-form diagonals for normalisation layers and leftover
 biases, a per-sample vmap diagonal for anything else (eval mode), or the dense Hessian for
 tiny models; and the retained preconditioner P = curvature((n·full − forget)/(n − r)) + λI in

@@ -1,4 +1,4 @@
-"""Baselines of DESIGN §2.5: retraining, fine-tuning, NegGrad+.
+"""Baselines of docs/math.md: retraining, fine-tuning, NegGrad+.
 
 - ``retrain``: the exact reference -- the original recipe again, from the original
   initialisation, on the retained rows; for SGD the original batch sequence minus the forget

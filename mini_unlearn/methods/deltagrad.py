@@ -1,4 +1,4 @@
-"""DeltaGrad (Wu, Dobriban & Davidson, ICML 2020; DESIGN §2.3): replay the recorded SGD run
+"""DeltaGrad (Wu, Dobriban & Davidson, ICML 2020; docs/math.md): replay the recorded SGD run
 without the forget set, with exact gradients only every T0 steps after a burn-in of j0 steps and
 a compact L-BFGS model of the batch gradient in between.
 

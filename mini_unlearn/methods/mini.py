@@ -1,4 +1,4 @@
-"""Mini-Unlearning (DESIGN §2.2): one-shot, trajectory and refresh modes.
+"""Mini-Unlearning (docs/math.md): one-shot, trajectory and refresh modes.
 
 One forget pass gives G_R = Σ_{i∈R} ∇ℓ_i, the forget loss and the forget curvature, so
 g0 = ∇F_R(w_a) = (n g_a − G_R)/(n − r) + λ w_a is exact and the retained preconditioner

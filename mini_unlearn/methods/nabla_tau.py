@@ -1,4 +1,4 @@
-"""∇τ: gradient-based, task-agnostic unlearning (Trippa et al., arXiv 2403.14339; DESIGN §2.4).
+"""∇τ: gradient-based, task-agnostic unlearning (Trippa et al., arXiv 2403.14339; docs/math.md).
 
 Per step, a forget batch B_f and a retain batch B_r:
 
