@@ -11,17 +11,36 @@ a high cosine = overshoot along the right direction: contraction under-stated).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 
 import torch
 
 import mini_unlearn as mu
 from mini_unlearn import models as M
+from mini_unlearn.methods import mini
 from mini_unlearn.data import forget_split, load_dataset
 
 
 def _vec(m):
     return torch.cat([p.detach().reshape(-1) for p in m.parameters()])
+
+
+@contextlib.contextmanager
+def _nu_scaled(c):
+    """Probe only: scale the contraction's curvature (final spectrum) by c."""
+    init = mini._Basis.__init__
+
+    def patched(self, blk, d_last):
+        init(self, blk, d_last)
+        self.s_out = self.s_out * c
+        self.nu = self.nu * c
+    if c != 1.0:
+        mini._Basis.__init__ = patched
+    try:
+        yield
+    finally:
+        mini._Basis.__init__ = init
 
 
 def _acc(m, X, y):
@@ -42,7 +61,9 @@ def study(dataset, ratios, seeds, K=10):
         fin = dict(weight_decay=recipe.weight_decay, progress=False)
         logs = {"base": rec.finalize(data, M.loss_fn, **fin),
                 "seg_spectra": rec.finalize(data, M.loss_fn, segment_spectra=1000, **fin),
-                "exact_grads": rec.finalize(data, M.loss_fn, exact_checkpoint_grads=True, **fin)}
+                "exact_grads": rec.finalize(data, M.loss_fn, exact_checkpoint_grads=True, **fin),
+                "seg+exact": rec.finalize(data, M.loss_fn, segment_spectra=1000, exact_checkpoint_grads=True,
+                                          **fin)}
         w_a = _vec(model)
         for ratio in ratios:
             f, r = forget_split(ds.n_train, ratio, seed=seed + 1)
@@ -51,8 +72,12 @@ def study(dataset, ratios, seeds, K=10):
             e = _vec(ref) - w_a
             accR = (_acc(ref, ds.X_train[f], ds.y_train[f]), _acc(ref, ds.X_test, ds.y_test))
             acc0 = (_acc(model, ds.X_train[f], ds.y_train[f]), _acc(model, ds.X_test, ds.y_test))
-            for name, log in logs.items():
-                res = mu.unlearn(model, log, indices=f, loss_fn=M.loss_fn, mode="trajectory")
+            n = ds.n_train
+            runs = [(name, log, 1.0) for name, log in logs.items()]
+            runs.append(("probe nu*n/(n-r)", logs["base"], n / (n - len(f))))
+            for name, log, scale in runs:
+                with _nu_scaled(scale):
+                    res = mu.unlearn(model, log, indices=f, loss_fn=M.loss_fn, mode="trajectory")
                 eh = _vec(res.model) - w_a
                 accU = (_acc(res.model, ds.X_train[f], ds.y_train[f]), _acc(res.model, ds.X_test, ds.y_test))
                 row = dict(dataset=dataset, seed=seed, ratio=ratio, ingredient=name,
