@@ -48,14 +48,14 @@ def _acc(m, X, y):
         return float((m(X).argmax(1) == y).float().mean()) * 100
 
 
-def study(dataset, ratios, seeds, K=10):
+def study(dataset, ratios, seeds, K=10, kind="mlp", curvature="kfac"):
     rows = []
     for seed in seeds:
         ds = load_dataset(dataset, seed=seed)
-        recipe = M.default_recipe("mlp", "sgd")
-        model = M.make_model("mlp", ds.num_features, ds.num_classes, seed=seed)
+        recipe = M.default_recipe(kind, "sgd")
+        model = M.make_model(kind, ds.num_features, ds.num_classes, seed=seed)
         steps = len(M.batch_schedule(ds.n_train, recipe))
-        rec = mu.Recorder(model, checkpoints=K, total_steps=steps)
+        rec = mu.Recorder(model, checkpoints=K, total_steps=steps, curvature=curvature)
         M.train(model, ds.X_train, ds.y_train, recipe, step_callback=lambda lr, indices=None: rec.step(lr))
         data = (ds.X_train, ds.y_train)
         fin = dict(weight_decay=recipe.weight_decay, progress=False)
@@ -67,7 +67,7 @@ def study(dataset, ratios, seeds, K=10):
         w_a = _vec(model)
         for ratio in ratios:
             f, r = forget_split(ds.n_train, ratio, seed=seed + 1)
-            ref = M.make_model("mlp", ds.num_features, ds.num_classes, seed=seed)
+            ref = M.make_model(kind, ds.num_features, ds.num_classes, seed=seed)
             M.train(ref, ds.X_train, ds.y_train, recipe, indices=r)
             e = _vec(ref) - w_a
             accR = (_acc(ref, ds.X_train[f], ds.y_train[f]), _acc(ref, ds.X_test, ds.y_test))
@@ -80,7 +80,7 @@ def study(dataset, ratios, seeds, K=10):
                     res = mu.unlearn(model, log, indices=f, loss_fn=M.loss_fn, mode="trajectory")
                 eh = _vec(res.model) - w_a
                 accU = (_acc(res.model, ds.X_train[f], ds.y_train[f]), _acc(res.model, ds.X_test, ds.y_test))
-                row = dict(dataset=dataset, seed=seed, ratio=ratio, ingredient=name,
+                row = dict(dataset=dataset, kind=kind, curvature=curvature, seed=seed, ratio=ratio, ingredient=name,
                            rel=float((eh - e).norm() / e.norm()),
                            cos=float(eh @ e / (eh.norm() * e.norm())),
                            gain=float(eh.norm() / e.norm()),
@@ -98,8 +98,11 @@ def main(argv=None) -> int:
     p.add_argument("--ratios", default="0.1,0.5")
     p.add_argument("--seeds", default="0")
     p.add_argument("--json", required=True)
+    p.add_argument("--kind", default="mlp")
+    p.add_argument("--curvature", default="kfac")
     a = p.parse_args(argv)
-    rows = study(a.dataset, [float(x) for x in a.ratios.split(",")], [int(s) for s in a.seeds.split(",")])
+    rows = study(a.dataset, [float(x) for x in a.ratios.split(",")], [int(s) for s in a.seeds.split(",")],
+                 kind=a.kind, curvature=a.curvature)
     with open(a.json, "w") as fh:
         json.dump({"rows": rows}, fh, indent=2)
     return 0
