@@ -43,6 +43,41 @@ def _nu_scaled(c):
         mini._Basis.__init__ = init
 
 
+@contextlib.contextmanager
+def _eig_corrected(H):
+    """Probe (EKFAC-style): keep each K-FAC block's eigenbasis but take its eigenvalues from the
+    dense retained curvature H (d <= 4096): ν_ij = q_ijᵀ H q_ij, the exact contraction per direction."""
+    init, acc_op = mini._Basis.__init__, mini.ops.contraction_accumulate
+
+    def patched(self, blk, d_last):
+        init(self, blk, d_last)
+        if blk.U_in is None:
+            return
+        m = blk.U_out.shape[0] * blk.U_in.shape[0]
+        Q = torch.zeros(H.shape[0], m, dtype=H.dtype)
+        for j in range(m):
+            E = torch.zeros(m, dtype=H.dtype)
+            E[j] = 1
+            blk.scatter(Q[:, j], blk.from_eig(E.view(blk.U_out.shape[0], -1)))
+        self.nu = ((Q * (H @ Q)).sum(0)).view(blk.U_out.shape[0], -1).clamp_min(0)
+        self.s_out = self.s_out.clone()
+        self.s_out._nu = self.nu
+
+    def acc(acc_t, x, s_out, s_in, *, lam, eta, steps):
+        nu = getattr(s_out, "_nu", None)
+        if nu is None:
+            return acc_op(acc_t, x, s_out, s_in, lam=lam, eta=eta, steps=steps)
+        nu_p = nu + lam
+        a = (1 - eta * nu_p) ** steps
+        g = torch.where(nu_p.abs() > 1e-12, (1 - a) / nu_p.clamp_min(1e-12), torch.full_like(nu_p, eta * steps))
+        acc_t.mul_(a).add_(g * x)
+    mini._Basis.__init__, mini.ops.contraction_accumulate = patched, acc
+    try:
+        yield
+    finally:
+        mini._Basis.__init__, mini.ops.contraction_accumulate = init, acc_op
+
+
 def _acc(m, X, y):
     with torch.no_grad():
         return float((m(X).argmax(1) == y).float().mean()) * 100
@@ -75,8 +110,14 @@ def study(dataset, ratios, seeds, K=10, kind="mlp", curvature="kfac"):
             n = ds.n_train
             runs = [(name, log, 1.0) for name, log in logs.items()]
             runs.append(("probe nu*n/(n-r)", logs["base"], n / (n - len(f))))
+            if kind == "logreg" and curvature == "kfac":
+                from mini_unlearn.curvature import Layout, dense_hessian
+                lg = logs["base"]
+                lay = Layout(lg.param_names, [tuple(s) for s in lg.shapes])
+                H = dense_hessian(model, lay, (ds.X_train[r], ds.y_train[r]), M.loss_fn) / len(r)
+                runs.append(("probe eig-corrected (dense H_R)", logs["base"], None))
             for name, log, scale in runs:
-                with _nu_scaled(scale):
+                with (_eig_corrected(H) if scale is None else _nu_scaled(scale)):
                     res = mu.unlearn(model, log, indices=f, loss_fn=M.loss_fn, mode="trajectory")
                 eh = _vec(res.model) - w_a
                 accU = (_acc(res.model, ds.X_train[f], ds.y_train[f]), _acc(res.model, ds.X_test, ds.y_test))
