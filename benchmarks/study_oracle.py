@@ -7,6 +7,15 @@ Reports rel = ‖w_u − w^R‖/‖w_a − w^R‖, the cosine(ê, e) and the gai
 a high cosine = overshoot along the right direction: contraction under-stated).
 
     PYTHONPATH=$PWD python -m benchmarks.study_oracle --dataset digits --json out.json
+    (--kind logreg --curvature exact|kfac for the exact-curvature oracle; d <= 4096)
+
+Measured (results/oracle_*.json, 50%, 3 seeds): on digits logreg the exact dense curvature has
+gain 1.000, rel 0.105; K-FAC gain 1.110, rel 0.257. Per-segment spectra and exact checkpoint
+gradients move rel by <= 0.03; replacing K-FAC's eigenvalues by the exact ones in K-FAC's basis
+changes nothing (0.257): the under-stated contraction comes from K-FAC's eigenbasis (couplings
+the decoupled recurrence drops), not from its eigenvalues, the time of the spectrum or the
+segment-mean gradients. ν·n/(n−r) helps K-FAC but doubles the error of the exact curvature
+(0.105 → 0.215): a probe, not a fix.
 """
 from __future__ import annotations
 
