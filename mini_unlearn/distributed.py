@@ -136,3 +136,13 @@ class Communicator:
             raise  # unreachable: agree raised
         self.agree(None)
         return out
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The inner module of a DistributedDataParallel (or DataParallel) wrapper, else ``model``:
+    ``Recorder(ddp_model)`` covers and names the same parameters as ``Recorder(ddp_model.module)``
+    (no ``module.`` prefix), so the log applies to the unwrapped model."""
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+    while isinstance(model, (DistributedDataParallel, DataParallel)):
+        model = model.module
+    return model

@@ -38,6 +38,24 @@ except DistributedError as e:
 else:
     raise AssertionError("no error")
 assert comm.run(lambda: rank) == rank
+# Recorder(ddp_model) covers the inner module's names; gradients after DDP's all-reduce agree
+from torch.nn.parallel import DistributedDataParallel as DDP
+from mini_unlearn import Recorder
+torch.manual_seed(0)
+net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+ddp = DDP(net)
+rec = Recorder(ddp, checkpoints=2, total_steps=2)
+assert rec.layout.names == Recorder(net).layout.names == [n for n, _ in net.named_parameters()]
+opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+rec.attach(opt)
+xb = torch.randn(8, 4, generator=torch.Generator().manual_seed(rank))
+for _ in range(2):
+    opt.zero_grad(); ddp(xb).pow(2).mean().backward(); opt.step()
+assert rec.steps == 2
+w = torch.cat([p.detach().flatten() for p in net.parameters()]); w0 = w.clone(); comm.from_owner(w0, 0)
+assert torch.equal(w, w0)  # same model on every rank
+del ddp, rec, opt
+dist.barrier()
 print("ok", rank, flush=True)
 dist.destroy_process_group()
 '''
