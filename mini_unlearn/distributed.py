@@ -79,6 +79,12 @@ class Communicator:
     def indices(self, n: int) -> torch.Tensor:
         return torch.arange(self.rank, n, self.world)
 
+    def shard_data(self, data):
+        """This rank's share (``indices(n)``) of ``data`` (X, y tensors, Dataset or DataLoader):
+        the anchor/curvature pass and forget passes run over it, and their sums are all-reduced."""
+        from . import _batches
+        return _batches.subset(data, self.indices(_batches.count(data)))
+
     def owners(self, costs: list[float]) -> list[int]:
         return assign_owners(list(costs), self.world)
 

@@ -27,6 +27,8 @@ lo, hi = comm.slice(11)
 assert torch.equal(comm.sum_slice(vecs[rank]), (vecs[0] + vecs[1])[lo:hi])
 t = vecs[rank].clone(); comm.sum_(t); assert torch.equal(t, vecs[0] + vecs[1])
 idx = comm.indices(7); assert idx.tolist() == list(range(rank, 7, world))
+X, y = torch.arange(14.).view(7, 2), torch.arange(7)
+Xs, ys = comm.shard_data((X, y)); assert torch.equal(ys, idx) and torch.equal(Xs, X[idx])
 own = comm.owners([8.0, 1.0, 27.0]); assert own == [1, 1, 0], own
 x = torch.full((3,), float(rank)); comm.from_owner(x, 1); assert torch.equal(x, torch.ones(3))
 # one rank fails: every rank raises the same typed error
