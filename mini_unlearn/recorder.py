@@ -192,6 +192,8 @@ class Recorder:
             raise ValueError("checkpoints must be >= 0")
         if total_steps is not None and int(total_steps) < 1:
             raise ValueError(f"total_steps must be >= 1 (or None when unknown), got {total_steps}")
+        from .distributed import unwrap
+        model = unwrap(model)  # Recorder(ddp_model): the inner module's parameters and names
         self.model, self.K, self.fmt, self.curvature = model, int(checkpoints), compression, curvature
         self.layout = Layout.of(model, params)
         if curvature == "exact" and self.layout.numel > 4096:
