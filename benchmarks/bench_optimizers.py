@@ -6,7 +6,7 @@ for each forget ratio retrain with the same initialisation and batch order minus
 rows and unlearn with ``mode="auto"``. Reports rel-L2 (‖w_u − w_R‖/‖w − w_R‖), forget and test
 accuracy of original / unlearned / retrained, and seconds.
 
-    python -m benchmarks.bench_optimizers --json out/bench_optimizers.json [--epochs 6]
+    python -m benchmarks.bench_optimizers --json out/bench_optimizers.json [--epochs 6] [--seeds 0,1,2]
 """
 from __future__ import annotations
 
@@ -28,12 +28,12 @@ RECIPES = {
 }
 
 
-def _train(ds, name, epochs, keep=None, rec_k=0):
-    model = M.make_model("mlp", ds.num_features, ds.num_classes, seed=0)
+def _train(ds, name, epochs, keep=None, rec_k=0, seed=0):
+    model = M.make_model("mlp", ds.num_features, ds.num_classes, seed=seed)
     opt = RECIPES[name](model.parameters())
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)
     rec = mu.Recorder(model, checkpoints=rec_k).attach(opt) if rec_k else None
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     X, y = ds.X_train, ds.y_train
     for _ in range(epochs):
         for b in torch.randperm(ds.n_train, generator=g).split(64):
@@ -63,24 +63,26 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--ratios", default="0.1,0.3,0.5")
     ap.add_argument("--optimizers", default="sgd,momentum,nesterov,adamw")
+    ap.add_argument("--seeds", default="0", help="comma-separated: initialisation, batch order and "
+                    "forget set (seed + 1) of each run; several give mean ± std")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     ds = load_dataset("mnist5k", seed=0, preprocess="unit")
     rows = []
-    for name in args.optimizers.split(","):
-        model, rec = _train(ds, name, args.epochs, rec_k=10)
+    for name, seed in [(n, int(sd)) for n in args.optimizers.split(",") for sd in args.seeds.split(",")]:
+        model, rec = _train(ds, name, args.epochs, rec_k=10, seed=seed)
         log = rec.finalize((ds.X_train, ds.y_train), M.loss_fn, progress=False)
         for ratio in map(float, args.ratios.split(",")):
-            f, r = forget_split(ds.n_train, ratio, seed=1)
+            f, r = forget_split(ds.n_train, ratio, seed=seed + 1)
             keep = torch.ones(ds.n_train, dtype=torch.bool)
             keep[f] = False
             t0 = time.perf_counter()
-            ref, _ = _train(ds, name, args.epochs, keep=keep)
+            ref, _ = _train(ds, name, args.epochs, keep=keep, seed=seed)
             t_retrain = time.perf_counter() - t0
             res = mu.unlearn(model, log, indices=f, loss_fn=M.loss_fn, unstable="clip",
                              **({"allow_adam": True} if name == "adamw" else {}))
             Xf, yf = ds.X_train[f], ds.y_train[f]
-            row = dict(optimizer=name, ratio=ratio, mode=res.mode, passes=res.passes,
+            row = dict(optimizer=name, seed=seed, ratio=ratio, mode=res.mode, passes=res.passes,
                        rel_l2=float((_vec(res.model) - _vec(ref)).norm() / (_vec(model) - _vec(ref)).norm()),
                        forget_acc={k: _acc(m, Xf, yf) for k, m in (("original", model), ("unlearned", res.model),
                                                                     ("retrain", ref))},
@@ -89,12 +91,19 @@ def main(argv=None) -> int:
                                                                                ("retrain", ref))},
                        seconds=res.seconds, retrain_seconds=t_retrain, stability=res.info.get("stability"))
             rows.append(row)
-            print(f"{name:9s} {ratio:.0%}: rel {row['rel_l2']:.3f}  forget o/u/R "
+            print(f"{name:9s} seed {seed} {ratio:.0%}: rel {row['rel_l2']:.3f}  forget o/u/R "
                   + " ".join(f"{v:.3f}" for v in row["forget_acc"].values()) + "  test o/u/R "
                   + " ".join(f"{v:.3f}" for v in row["test_acc"].values())
                   + f"  {res.seconds:.2f}s vs retrain {t_retrain:.2f}s", flush=True)
+    summary = {}
+    for name in args.optimizers.split(","):
+        for ratio in map(float, args.ratios.split(",")):
+            rel = torch.tensor([r["rel_l2"] for r in rows if r["optimizer"] == name and r["ratio"] == ratio])
+            std = float(rel.std()) if rel.numel() > 1 else 0.0
+            summary[f"{name}@{ratio}"] = {"rel_mean": float(rel.mean()), "rel_std": std, "runs": rel.numel()}
+            print(f"{name:9s} {ratio:.0%}: rel {float(rel.mean()):.3f} ± {std:.3f} over {rel.numel()} seeds")
     with open(args.json, "w") as fh:
-        json.dump({"epochs": args.epochs, "rows": rows}, fh, indent=1)
+        json.dump({"epochs": args.epochs, "rows": rows, "summary": summary}, fh, indent=1)
     return 0
 
 

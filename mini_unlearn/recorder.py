@@ -391,7 +391,7 @@ class Recorder:
         n = _batches.count(train_data)
         blocks, diag_names = kron_blocks(model, layout)
         exact = self.curvature == "exact"
-        mode_kw = _mode_kwargs(self.train_mode)
+        mode_kw = {"train_mode": bool(self.train_mode)}
         if self.fisher == "auto":
             self.fisher = "ggn" if _num_outputs(model, train_data, device) <= 64 else "mc"
         if self.fisher == "mc":
@@ -471,7 +471,7 @@ class Recorder:
                     data, loss_fn, bs, dev = exact
                     self.layout.set(self.model, w)
                     s = data_pass(self.model, self.layout, data, loss_fn, batch_size=bs, device=dev,
-                                  **_mode_kwargs(self.train_mode))
+                                  train_mode=bool(self.train_mode))
                     gd = s.grad / s.n
                     self.layout.set(self.model, w_a)
                 g = gd
@@ -496,7 +496,7 @@ class Recorder:
             self.layout.set(self.model, segment_weights(log, k, w_a))
             sums = data_pass(self.model, self.layout, sub, loss_fn, curvature=True, blocks=blocks,
                              diag_names=diag_names, fisher=self.fisher, batch_size=batch_size, device=device,
-                             **_mode_kwargs(self.train_mode))
+                             train_mode=bool(self.train_mode))
             for b in blocks:
                 for side in ("A", "G"):
                     U = log.get(f"kfac/{b.module}/U_{side}").to(sums.A[b.module].device)
@@ -532,10 +532,3 @@ def _num_outputs(model: nn.Module, data, device) -> int:
     probe = _copy.deepcopy(model).eval()
     with torch.no_grad():
         return int(probe(x).shape[-1])
-
-
-def _mode_kwargs(train_mode: bool) -> dict:
-    """``train_mode=`` for data passes that accept it (the layers' mode during training)."""
-    import inspect
-
-    return {"train_mode": bool(train_mode)} if "train_mode" in inspect.signature(data_pass).parameters else {}

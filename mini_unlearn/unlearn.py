@@ -54,14 +54,16 @@ def _forget_from_indices(indices, train_data, n: int):
     return _batches.subset(train_data, idx), idx
 
 
-def _check_forget(forget, model: nn.Module, n: int) -> int:
+def _check_forget(forget, work: nn.Module, n: int) -> int:
+    """The forget set's size, after checking it; ``work`` is the private copy (never the caller's
+    model: a forward pass in train mode would update its BatchNorm statistics)."""
     if isinstance(forget, (tuple, list)) and len(forget) == 2 and torch.is_tensor(forget[0]):
         X, y = forget
         if X.dim() < 1 or X.shape[0] == 0:
             raise ForgetSetError("the forget set is empty: pass at least one sample")
         if y.shape[:1] != X.shape[:1]:
             raise ForgetSetError(f"forget X has {X.shape[0]} rows but y has {y.shape[0] if y.dim() else 0}")
-        p = next(model.parameters())
+        p = next(work.parameters())
         if X.device != p.device or y.device != p.device:
             raise ForgetSetError(f"forget tensors are on {X.device}/{y.device} but the model is on "
                                  f"{p.device}; move them with .to(device)")
@@ -69,13 +71,16 @@ def _check_forget(forget, model: nn.Module, n: int) -> int:
             raise ForgetSetError("forget X contains NaN/Inf")
         if X.is_complex() or X.dtype == torch.bool:
             raise ForgetSetError(f"forget X must be real floating point or integer (token ids), got {X.dtype}")
-        probe = copy.deepcopy(model).eval()  # never run the caller's model: BatchNorm would update
+        modes = [m.training for m in work.modules()]
         try:
             with torch.no_grad():
-                probe(X[:1])
+                work.eval()(X[:1])
         except Exception as exc:  # wrong feature shape/dtype for this model
             raise ForgetSetError(f"the model cannot run on the forget samples (X shape "
                                  f"{tuple(X.shape)}, dtype {X.dtype}): {exc}") from exc
+        finally:
+            for m, mode in zip(work.modules(), modes):
+                m.training = mode
     r = _batches.count(forget)
     if r == 0:
         raise ForgetSetError("the forget set is empty: pass at least one sample")
@@ -127,16 +132,16 @@ def unlearn(model: nn.Module, log, forget=None, *, loss_fn, method: str = "mini"
                                                       else getattr(log, "train_data", None), n)
     if forget is None:
         raise ForgetSetError("nothing to forget: pass forget=(X, y) or indices=")
-    r = _check_forget(forget, model, n)
+    work = copy.deepcopy(model)
+    for p in work.parameters():
+        p.grad = None
+    r = _check_forget(forget, work, n)
     device = next(model.parameters()).device
     w_model = log.flatten(model)
     w_a = log.get("anchor/w").to(device)
     if not torch.allclose(w_model, w_a, rtol=1e-5, atol=1e-6):
         raise LogMismatchError("the model's weights differ from the log's anchor: unlearn the model "
                                "the log was finalized on (or re-finalize the log for this model)")
-    work = copy.deepcopy(model)
-    for p in work.parameters():
-        p.grad = None
     # Methods that replay training (DeltaGrad) need the forget set as rows of the training data.
     extra = _accepted(METHODS[method], forget_indices=forget_indices, train_data=train_data)
     t0 = time.perf_counter()

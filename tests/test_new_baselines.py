@@ -69,11 +69,12 @@ def test_moves_forget_accuracy_toward_retraining(mnist, method):
     assert torch.equal(vec(s["model"]), s["w0"])  # the caller's model is untouched
 
 
-@pytest.mark.xfail(strict=True, reason="GA at its published default (lr 1e-4, 5 epochs, batch 256: "
-                   "10 steps on 400 forget samples) changes no forget prediction on MNIST-5k")
-def test_ga_default_moves_forget_accuracy(mnist):
+def test_ga_default_does_not_move_forget_accuracy(mnist):
+    """A measured limitation, kept visible: GA at its published default (lr 1e-4, 5 epochs,
+    batch 256: 10 steps on 400 forget samples) changes no forget prediction on MNIST-5k, so it
+    does not get closer to retraining there (the default is the papers', not tuned here)."""
     gap_orig, gap_u = _gaps(mnist, _run(mnist, "ga"))
-    assert gap_u < gap_orig
+    assert not gap_u < gap_orig
 
 
 def test_ga_ascends_the_forget_loss(mnist):

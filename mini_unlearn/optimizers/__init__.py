@@ -17,6 +17,7 @@ module registered in :data:`ADAPTERS`; anything unregistered raises
 """
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 
 import torch
@@ -39,7 +40,7 @@ class StepRule:
         return (self.eta, self.mu, self.c, self.lam, self.lam_dec, self.nesterov)
 
 
-class Adapter:
+class Adapter(abc.ABC):
     """Base class: reads an optimizer's param groups into :class:`StepRule` s."""
 
     #: the exact optimizer classes this adapter covers (subclasses are refused: they may
@@ -52,19 +53,23 @@ class Adapter:
     def check(self, opt: torch.optim.Optimizer) -> None:
         """Raise UnsupportedTrainingError for settings the template cannot express."""
 
+    @abc.abstractmethod
     def rule(self, opt: torch.optim.Optimizer, group: dict, step: int) -> StepRule:
         """The rule of ``group`` at its ``step``-th update (1-based), read before the step."""
-        raise NotImplementedError
 
     def precond(self, opt: torch.optim.Optimizer, group: dict, p: torch.Tensor, step: int) -> torch.Tensor:
-        """d for parameter ``p`` after its ``step``-th update (preconditioned adapters only)."""
-        raise NotImplementedError
+        """d for parameter ``p`` after its ``step``-th update. Only preconditioned adapters are
+        asked (and :func:`register` checks that they define it)."""
+        raise TypeError(f"{type(self).__name__} is not preconditioned")
 
 
 ADAPTERS: list[Adapter] = []
 
 
 def register(adapter: Adapter) -> Adapter:
+    """Add an adapter instance (a preconditioned one must define ``precond``)."""
+    if adapter.preconditioned and type(adapter).precond is Adapter.precond:
+        raise TypeError(f"{type(adapter).__name__} is preconditioned but defines no precond")
     ADAPTERS.append(adapter)
     return adapter
 
