@@ -16,7 +16,7 @@ The design here (:func:`run_audit`):
    the method under test (``unlearn()``, the same settings as ``mini-unlearn run``), so every
    shadow plays both roles: for a target ``x``, the shadows that trained on it hold the
    *unlearned* ("with") models, the others the *never-seen* ("without") ones.
-   Auditing ``mini`` / ``mini_refresh`` on an SGD recipe records every shadow's run (K = 10
+   Auditing ``mini`` / ``mini_retain`` on an SGD recipe records every shadow's run (K = 10
    checkpoints, as ``mini-unlearn run``), so those shadows train one by one, not by vmap.
    ``"original"`` skips the unlearning (the untouched models: plain LiRA membership inference,
    the ceiling); ``"retrain"`` retrains exactly (the floor: its score is what 0.5 looks like at
@@ -70,7 +70,7 @@ RECORD_CHECKPOINTS = 10
 PER_EXAMPLE_VARIANCE_MIN = 16
 #: Methods the audit accepts: every unlearning method but the ones needing a recorded
 #: trajectory of the shadow (DeltaGrad), plus "original" (no unlearning).
-AUDIT_METHODS = ("original", "retrain", "mini", "mini_refresh", "nabla_tau", "finetune", "neggrad",
+AUDIT_METHODS = ("original", "retrain", "mini", "mini_retain", "nabla_tau", "finetune", "neggrad",
                  "salun", "scrub", "rl", "ga")
 
 
@@ -385,7 +385,7 @@ def run_audit(cfg: AuditConfig, progress: bool = True) -> dict:
     # Mini-Unlearning's trajectory mode needs the SGD run recorded (K = 10 checkpoints, as
     # `mini-unlearn run`): then the shadows train one by one with a Recorder each.
     sgd = base_recipe.name == "sgd"
-    record = sgd and any(m in ("mini", "mini_refresh") for m in cfg.methods)
+    record = sgd and any(m in ("mini", "mini_retain") for m in cfg.methods)
     recorders: list = []
 
     def attach(models):
@@ -430,8 +430,8 @@ def run_audit(cfg: AuditConfig, progress: bool = True) -> dict:
                                     loss_fn=M.loss_fn, log=p["log"])
                     if name == "mini":
                         kw.update(method="mini", mode="auto")
-                    elif name == "mini_refresh":
-                        kw.update(method="mini", mode="refresh", retain=retain)
+                    elif name == "mini_retain":
+                        kw.update(method="mini", mode="auto", retain=retain)
                     elif name == "retrain":
                         kw.update(method="retrain", recipe=recipes[s], make_model=makes[s],
                                   retain_indices=p["r"])

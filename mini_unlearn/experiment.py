@@ -18,7 +18,7 @@ from .recorder import Recorder
 from .unlearn import unlearn
 
 NEW_BASELINES = ("salun", "scrub", "rl", "ga")
-ALL_METHODS = ("mini", "mini_refresh", "deltagrad", "nabla_tau", "retrain", "finetune", "neggrad",
+ALL_METHODS = ("mini", "mini_retain", "deltagrad", "nabla_tau", "retrain", "finetune", "neggrad",
                *NEW_BASELINES)
 
 
@@ -148,7 +148,7 @@ def _unlearn_ratio(cfg: Config, ctx: dict, ratio: float) -> dict:
     common = dict(indices=f, train_data=(X, y), loss_fn=M.loss_fn)
     kwargs = {
         "mini": dict(log=log, method="mini", mode="auto"),
-        "mini_refresh": dict(log=log, method="mini", mode="refresh", retain=retain,
+        "mini_retain": dict(log=log, method="mini", mode="auto", retain=retain,
                              max_passes=cfg.refresh_passes),
         "deltagrad": dict(log=ctx["log_all"], method="deltagrad"),
         "nabla_tau": dict(log=log, method="nabla_tau", retain=retain, val=ctx["val"]),

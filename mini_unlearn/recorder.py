@@ -9,6 +9,7 @@ returns a compressed :class:`GradientLog`. The cost of ``step`` never grows with
 from __future__ import annotations
 
 import math
+import weakref
 import os
 import tempfile
 
@@ -220,6 +221,20 @@ class Recorder:
         self._all_g: list = []
         self._all_batches: list[torch.Tensor] = []
         self._all_lr: list[float] = []
+        # The minibatch size, read from the leading dimension of the model's input (no sync: a
+        # shape is host-side): a retained repair (``unlearn(retain=...)``) steps at this size.
+        self._last_batch = 0
+        self._batch_max = 0
+        # A closure over a weak reference: copy.deepcopy(model) copies hooks, and must not copy
+        # the Recorder with them. Removed by finalize() and detach().
+        ref = weakref.ref(self)
+
+        def see_batch(module, args):
+            rec = ref()
+            if rec is not None and args and torch.is_tensor(args[0]) and args[0].dim() > 0:
+                rec._last_batch = int(args[0].shape[0])
+
+        self._fwd_hook = model.register_forward_pre_hook(see_batch)
 
     # ---- during training ----
     def attach(self, optimizer: torch.optim.Optimizer) -> "Recorder":
@@ -260,6 +275,7 @@ class Recorder:
 
     def detach(self) -> None:
         """Remove the optimizer hooks (recording stops; finalize still works)."""
+        self._fwd_hook.remove()
         if self._optim is not None:
             for h in self._optim[3]:
                 h.remove()
@@ -303,6 +319,7 @@ class Recorder:
 
     def _record(self, grads: list[torch.Tensor], rules: list[list]) -> None:
         self.steps += 1
+        self._batch_max = max(self._batch_max, self._last_batch)
         self.train_mode = self.train_mode or self.model.training
         if self.K == 0:
             return
@@ -412,6 +429,9 @@ class Recorder:
                     curvature=self.curvature, fisher=self.fisher, mc_samples=self.mc_samples, history=self.history,
                     steps_recorded=self.steps, grad_includes_weight_decay=self.grad_includes_wd,
                     train_mode=bool(self.train_mode))
+        self._fwd_hook.remove()
+        if self._batch_max:
+            meta["batch_size"] = self._batch_max  # the recipe's (a last partial batch is smaller)
         if self._optim is not None:
             opt, adapter, group_of, _ = self._optim
             meta["optimizer"] = {"name": type(opt).__name__, "preconditioned": adapter.preconditioned,

@@ -16,11 +16,11 @@ def logreg_run():
 def test_logreg_lbfgs_run(logreg_run):
     res = logreg_run
     ms = res["methods"]
-    assert set(ms) == set(ALL_METHODS) >= {"mini", "mini_refresh", "deltagrad", "nabla_tau", "retrain",
+    assert set(ms) == set(ALL_METHODS) >= {"mini", "mini_retain", "deltagrad", "nabla_tau", "retrain",
                                            "finetune", "neggrad", "salun", "scrub", "rl", "ga"}
     assert "skipped" in ms["deltagrad"] and "sgd" in ms["deltagrad"]["skipped"]
     floor = res["retrain_noise_floor"]["rel_l2"]
-    assert ms["mini_refresh"]["rel_l2_to_retrain"] <= max(0.05, floor)
+    assert ms["mini_retain"]["rel_l2_to_retrain"] <= max(0.05, floor)
     assert abs(ms["mini"]["test_acc"] - ms["retrain"]["test_acc"]) <= 0.01 + 1e-9
     assert ms["mini"]["mode"] == "oneshot"
     assert res["dataset"]["n_forget"] == round(0.3 * res["dataset"]["n_train"])
@@ -30,7 +30,7 @@ def test_logreg_lbfgs_run(logreg_run):
             assert 0.0 <= m["mia_efficacy_svc"] <= 1.0 and m["avg_gap"] >= 0.0
     assert ms["retrain"]["avg_gap"] == 0.0 and ms["retrain"]["speedup"] == 1.0
     table = format_table(res)
-    assert "mini_refresh" in table and "noise floor" in table and "Avg.Gap" in table
+    assert "mini_retain" in table and "noise floor" in table and "Avg.Gap" in table
     json.dumps(res)  # JSON-able
 
 

@@ -147,13 +147,21 @@ def kron_pcg(log, layout: Layout, fs: PassSums, n: int, r: int, lam: float, b: t
 
 
 def run(model, log, forget, loss_fn, *, mode: str, retain, r: int, max_passes: int, tol: float,
-        batch_size: int, device, progress: bool, unstable: str = "raise", allow_adam: bool = False) -> dict:
+        batch_size: int, device, progress: bool, unstable: str = "raise", allow_adam: bool = False,
+        repair_epochs: int | None = None, repair_batch_size: int | None = None, seed: int = 0) -> dict:
     """Mini-Unlearning on ``model`` (a private copy, modified in place). Returns the result
     fields: mode, passes, grad_evals, certificate, verified (and the trajectory's stability
     diagnostics). ``unstable``: "raise" (default) raises CurvatureScaleError when the logged
     curvature says training would have diverged in some direction; "clip" clips those
     directions to critical damping and reports them. ``allow_adam=True`` runs the (measured as
-    inaccurate) Adam/AdamW trajectory anyway, for studies."""
+    inaccurate) Adam/AdamW trajectory anyway, for studies.
+
+    Retained repair (trajectory mode with ``retain=`` given): ``repair_epochs`` epochs
+    (default 1; 0 turns it off) of the recorded optimizer's final step rule (learning rate,
+    momentum, coupled decay) over the retained data in shuffled minibatches of
+    ``repair_batch_size`` (default: the training batch size the Recorder saw, else 64), seeded
+    by ``seed``. It removes the forget-only trajectory's overshoot at high ratios (docs/math.md,
+    "Retained repair"); its cost is counted in ``passes`` and ``grad_evals``."""
     if unstable not in ("raise", "clip"):
         raise ValueError(f"unstable must be 'raise' or 'clip', got {unstable!r}")
     layout = Layout(log.param_names, [tuple(s) for s in log.shapes])
@@ -190,8 +198,21 @@ def run(model, log, forget, loss_fn, *, mode: str, retain, r: int, max_passes: i
                                    batch_size, device, progress, unstable)
         _check_finite(w, "trajectory")
         layout.set(model, w)
-        return dict(mode="trajectory", passes=len(segments), grad_evals=r * len(segments),
-                    certificate=None, verified=False, stability=stability)
+        out = dict(mode="trajectory", passes=len(segments), grad_evals=r * len(segments),
+                   certificate=None, verified=False, stability=stability)
+        epochs = (1 if retain is not None else 0) if repair_epochs is None else int(repair_epochs)
+        if epochs < 0:
+            raise ValueError(f"repair_epochs must be >= 0, got {epochs}")
+        if epochs and retain is None:
+            raise ValueError("repair_epochs > 0 needs the retained data: pass retain=")
+        if epochs:
+            rep = _repair(model, log, layout, retain, loss_fn, epochs, repair_batch_size, lam, device,
+                          progress, seed)
+            _check_finite(layout.get(model), "trajectory + retained repair")
+            out["passes"] += epochs
+            out["grad_evals"] += rep["grad_evals"]
+            out["repair"] = rep
+        return out
     fs = forget_pass(model, layout, log, w_a, forget, loss_fn, curvature=True, batch_size=batch_size,
                      device=device)
     g0 = (n * g_a - fs.grad) / (n - r) + lam * w_a
@@ -226,6 +247,61 @@ def run(model, log, forget, loss_fn, *, mode: str, retain, r: int, max_passes: i
     cert = float(res.g.norm() / g0.norm())
     return dict(mode="refresh", passes=1 + res.evals, grad_evals=r + res.evals * (n - r),
                 certificate=cert, verified=bool(res.converged))
+
+
+def _repair(model, log, layout: Layout, retain, loss_fn, epochs: int, batch_size: int | None, lam: float,
+            device, progress: bool, seed: int) -> dict:
+    """``epochs`` epochs of the recorded optimizer's final step rule on the retained data, from
+    the trajectory's point (``model`` holds it). One torch.optim.SGD param group per recorded
+    group: lr = the last run's η, momentum μ, dampening 1 − c, Nesterov, coupled decay λ."""
+    from . import _train_utils as U
+
+    meta = log.meta
+    last = meta["segments"][-1]
+    params = dict(model.named_parameters())
+    if "groups" in last:
+        group_of = meta["optimizer"]["group_of"]
+        extra = lam if meta.get("grad_includes_weight_decay") else 0.0
+        groups = []
+        for g, runs in enumerate(last["groups"]):
+            eta, mu, c, lam_c, lam_dec, nesterov, _ = runs[-1]
+            if lam_dec:
+                raise UnsupportedTrainingError("the retained repair steps SGD rules only; this log's "
+                                               "optimizer decouples its weight decay (AdamW)")
+            ps = [params[nm] for nm in layout.names if group_of[nm] == g]
+            if ps:
+                groups.append(dict(params=ps, lr=float(eta), momentum=float(mu), dampening=1.0 - float(c),
+                                   nesterov=bool(nesterov) and float(mu) > 0, weight_decay=float(lam_c) + extra))
+    else:  # recorded by hand: plain SGD on the objective with coupled decay λ
+        groups = [dict(params=[params[nm] for nm in layout.names], lr=float(last["lr_runs"][-1][0]),
+                       momentum=0.0, weight_decay=lam)]
+    covered = set(layout.names)
+    frozen = {nm: p.requires_grad for nm, p in params.items() if nm not in covered}
+    for nm in frozen:
+        params[nm].requires_grad_(False)  # parameters the log does not cover stay as trained
+    bs = int(batch_size or meta.get("batch_size") or U.DEFAULT_BATCH_SIZE)
+    loader = U.Shuffled(retain, bs, device, torch.Generator().manual_seed(int(seed)))
+    opt = torch.optim.SGD(groups)
+    was = model.training
+    model.train(bool(meta.get("train_mode", True)))
+    bar = tqdm(total=epochs * len(loader), desc="mini_unlearn: retained repair steps", disable=not progress,
+               leave=False)
+
+    def loss_of(item):
+        xb, yb = item
+        bar.update(1)
+        return loss_fn(model(xb), yb), xb.shape[0]
+
+    evals = 0
+    try:
+        for _ in range(epochs):
+            evals += U.step_loop(model, opt, loader, loss_of, what="the retained repair")
+    finally:
+        bar.close()
+        model.train(was)
+        for nm, flag in frozen.items():
+            params[nm].requires_grad_(flag)
+    return dict(epochs=epochs, batch_size=bs, lr=[g["lr"] for g in groups], grad_evals=evals)
 
 
 def _check_finite(w: torch.Tensor, mode: str) -> None:
