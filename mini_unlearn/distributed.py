@@ -137,9 +137,14 @@ class Communicator:
     def run(self, fn: Callable[[], T]) -> T:
         """``fn()`` on every rank, then :meth:`agree`: either every rank returns or every rank
         raises :class:`DistributedError`. ``fn`` must not commit side effects (e.g. write the
-        model) before returning; commit after ``run`` returns."""
+        model) before returning; commit after ``run`` returns. Runs nest: a DistributedError
+        raised inside ``fn`` was agreed on every rank already and passes through unchanged.
+        Inside ``fn``, every collective must itself follow an agreement (``run``) of this kind,
+        so that a rank failing between two of them meets the others at their next agreement."""
         try:
             out = fn()
+        except DistributedError:  # already agreed by every rank (a nested run): raise it as is
+            raise
         except Exception as exc:  # noqa: BLE001 - reported to every rank
             self.agree(exc)
             raise  # unreachable: agree raised
