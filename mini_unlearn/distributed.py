@@ -51,10 +51,15 @@ def _initialised() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+#: pass as ``group=`` (``Recorder``, ``unlearn``) to run one call on this process alone inside a
+#: torchrun job: e.g. the retraining oracle of the ``run`` experiment, repeated on every rank
+LOCAL = "local"
+
+
 def communicator(group: Any = None, timeout: float | None = None) -> "Communicator | None":
     """A :class:`Communicator` for ``group`` if torch.distributed is initialised and the group has
-    more than one rank, else ``None`` (the single-process path)."""
-    if not _initialised():
+    more than one rank, else ``None`` (the single-process path; always for ``group=LOCAL``)."""
+    if (isinstance(group, str) and group == LOCAL) or not _initialised():
         return None
     import torch.distributed as dist
     if dist.get_world_size(group) < 2:

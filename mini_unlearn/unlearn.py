@@ -183,6 +183,8 @@ def _compute(model, log, forget, loss_fn, method, mode, retain, indices, train_d
     r = _check_forget(forget, work, n)
     device = next(model.parameters()).device
     w_model = log.flatten(model)
+    if getattr(log, "is_shard", False):  # a shard's own slice (group=LOCAL inside torchrun)
+        w_model = log.local(w_model)
     w_a = log.get("anchor/w").to(device)
     if not torch.allclose(w_model, w_a, rtol=1e-5, atol=1e-6):
         raise LogMismatchError("the model's weights differ from the log's anchor: unlearn the model "

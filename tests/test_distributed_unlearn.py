@@ -240,3 +240,25 @@ def test_failure_on_one_rank_raises_everywhere(runs):
     for r in (0, 1):
         assert "rank(s) [1] failed" in stats[(2, r)]["failure"]
     assert "injected failure" in stats[(2, 1)]["failure"]
+
+
+def _torchrun(args: list[str], cwd: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+           "127.0.0.1", "--master_port", str(_free_port()), "-m", "mini_unlearn", "run", *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+
+
+def test_torchrun_cli_prints_the_table_once_and_rank0_writes(tmp_path):
+    args = ["--data", "digits", "--model", "mlp", "--recipe", "sgd", "--epochs", "2", "--forget-ratio",
+            "0.1", "--methods", "mini,retrain", "--json", "out.json", "--plot", "out.png"]
+    p = _torchrun(args, str(tmp_path))
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert p.stdout.count("retrain noise floor") == 1 and p.stdout.count("wrote out.json") == 1
+    res = json.loads((tmp_path / "out.json").read_text())
+    assert set(res["methods"]) == {"mini", "retrain"} and res["methods"]["mini"]["mode"] == "trajectory"
+    assert (tmp_path / "out.png").stat().st_size > 0
+    bad = _torchrun(args[:-6] + ["--methods", "mini,finetune", "--json", "bad.json"], str(tmp_path))
+    assert bad.returncode != 0 and "finetune have no data-parallel path" in bad.stderr
+    assert not (tmp_path / "bad.json").exists()
