@@ -122,6 +122,19 @@ if world > 1:
     else:
         raise AssertionError("no error")
     assert torch.equal(torch.cat([p.detach().flatten() for p in net.parameters()]), w0)
+    # DeltaGrad's full history: slices of every iterate, the batches gathered in rank order
+    import copy
+    net2 = copy.deepcopy(net)
+    ra = Recorder(net2, checkpoints=0, history="all", compression="fp32", block=32)
+    for s in range(2):
+        b = torch.arange(10 * s, 10 * s + 10)
+        net2.zero_grad(); loss_fn(net2(X[b]), y[b]).backward(); ra.step(0.1, indices=b[rank::world])
+    la = ra.finalize((X, y), loss_fn, progress=False)
+    assert la.get("all/batch_sizes").tolist() == [10, 10]
+    assert la.get("all/batch_indices").tolist() == [0, 2, 4, 6, 8, 1, 3, 5, 7, 9, 10, 12, 14, 16, 18,
+                                                     11, 13, 15, 17, 19]
+    assert la.local_shape("all/w0") == (la.hi - la.lo,) and la.row("all/g", 1).numel() == la.hi - la.lo
+    assert torch.equal(la.full("all/w0"), torch.cat([p.detach().flatten() for p in net.parameters()]))
     # the same run without the failure still works afterwards (the group is in step)
     r = unlearn(net, log, indices=forget, loss_fn=loss_fn, mode="oneshot")
     assert torch.equal(torch.cat([p.detach().flatten() for p in r.model.parameters()]), res["oneshot"])
