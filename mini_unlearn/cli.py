@@ -61,14 +61,67 @@ def _config(args: argparse.Namespace):
     return cfg
 
 
+#: the methods ``run`` accepts inside a torchrun job: Mini-Unlearning is data-parallel; the
+#: retraining oracle runs on every rank alike (seeded, identical), as does the training
+DISTRIBUTED_METHODS = ("mini", "mini_retain", "retrain")
+
+
+class _Torchrun:
+    """Inside ``torchrun`` (WORLD_SIZE > 1 in the environment): initialise the process group
+    (gloo on CPU, NCCL for --device cuda), refuse methods without a data-parallel path, and
+    destroy the group on exit. ``rank`` is 0 outside torchrun."""
+
+    def __init__(self, cfg):
+        import os
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank, self.owned = 0, False
+        if self.world < 2:
+            return
+        bad = [m for m in cfg.methods if m not in DISTRIBUTED_METHODS]
+        if bad:
+            raise _BadArguments(f"under torchrun ({self.world} processes) `run` supports only "
+                                f"--methods {','.join(DISTRIBUTED_METHODS)}; {', '.join(bad)} have no "
+                                "data-parallel path: run them in one process")
+        self.cuda = cfg.device == "cuda"
+
+    def __enter__(self) -> "_Torchrun":
+        if self.world < 2:
+            return self
+        import datetime
+        import os
+
+        import torch
+        import torch.distributed as dist
+        if not dist.is_initialized():
+            if self.cuda:
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group("nccl" if self.cuda else "gloo", timeout=datetime.timedelta(minutes=10))
+            self.owned = True
+        self.rank = dist.get_rank()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.owned:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+
+
 def _run(cfg, json_path: str, plot_path: str | None, markdown_path: str | None = None) -> int:
+    with _Torchrun(cfg) as job:
+        return _run_job(cfg, json_path, plot_path, markdown_path, write=job.rank == 0)
+
+
+def _run_job(cfg, json_path: str, plot_path: str | None, markdown_path: str | None, write: bool) -> int:
+    """The experiment; only ``write`` (rank 0 under torchrun) prints and writes files."""
     import json
 
     from .experiment import (format_markdown, format_sweep_table, format_table, plot, plot_sweep,
                              run_experiment, run_sweep)
 
     if cfg.is_sweep:
-        result = run_sweep(cfg, progress=sys.stderr.isatty())
+        result = run_sweep(cfg, progress=write and sys.stderr.isatty())
+        if not write:
+            return 0
         print(format_sweep_table(result))
         with open(json_path, "w") as fh:
             json.dump(result, fh, indent=2)
@@ -81,7 +134,9 @@ def _run(cfg, json_path: str, plot_path: str | None, markdown_path: str | None =
             plot_sweep(result, plot_path)
             print(f"wrote {plot_path}")
         return 0
-    result = run_experiment(cfg, progress=sys.stderr.isatty())
+    result = run_experiment(cfg, progress=write and sys.stderr.isatty())
+    if not write:
+        return 0
     print(format_table(result))
     with open(json_path, "w") as fh:
         json.dump(result, fh, indent=2)

@@ -23,12 +23,15 @@ with tensors on ``cuda:current_device()`` (not run here: no GPUs).
 from __future__ import annotations
 
 import datetime
-from typing import Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 import torch
 
 from .errors import MiniUnlearnError
 from .log._format import assign_owners, shard_range
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .curvature import PassSums
 
 T = TypeVar("T")
 
@@ -48,10 +51,15 @@ def _initialised() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+#: pass as ``group=`` (``Recorder``, ``unlearn``) to run one call on this process alone inside a
+#: torchrun job: e.g. the retraining oracle of the ``run`` experiment, repeated on every rank
+LOCAL = "local"
+
+
 def communicator(group: Any = None, timeout: float | None = None) -> "Communicator | None":
     """A :class:`Communicator` for ``group`` if torch.distributed is initialised and the group has
-    more than one rank, else ``None`` (the single-process path)."""
-    if not _initialised():
+    more than one rank, else ``None`` (the single-process path; always for ``group=LOCAL``)."""
+    if (isinstance(group, str) and group == LOCAL) or not _initialised():
         return None
     import torch.distributed as dist
     if dist.get_world_size(group) < 2:
@@ -134,14 +142,123 @@ class Communicator:
     def run(self, fn: Callable[[], T]) -> T:
         """``fn()`` on every rank, then :meth:`agree`: either every rank returns or every rank
         raises :class:`DistributedError`. ``fn`` must not commit side effects (e.g. write the
-        model) before returning; commit after ``run`` returns."""
+        model) before returning; commit after ``run`` returns. Runs nest: a DistributedError
+        raised inside ``fn`` was agreed on every rank already and passes through unchanged.
+        Inside ``fn``, every collective must itself follow an agreement (``run``) of this kind,
+        so that a rank failing between two of them meets the others at their next agreement."""
         try:
             out = fn()
+        except DistributedError:  # already agreed by every rank (a nested run): raise it as is
+            raise
         except Exception as exc:  # noqa: BLE001 - reported to every rank
             self.agree(exc)
             raise  # unreachable: agree raised
         self.agree(None)
         return out
+
+
+# -- data-parallel passes --------------------------------------------------------------------
+
+def is_rank_local(data: Any) -> bool:
+    """True for a DataLoader whose sampler is a ``DistributedSampler`` (it yields this rank's
+    share already): what ``data_is_sharded=None`` detects."""
+    from torch.utils.data import DataLoader
+    from torch.utils.data.distributed import DistributedSampler
+    return isinstance(data, DataLoader) and isinstance(data.sampler, DistributedSampler)
+
+
+def local_share(comm: Communicator, data: Any, data_is_sharded: bool | None = None) -> Any:
+    """This rank's part of ``data``.
+
+    ``data_is_sharded=False``: ``data`` is the whole data set, identical on every rank, and the
+    rank takes ``comm.indices(n)`` of it (``rank::world``). ``True``: ``data`` already is this
+    rank's part (any loader; the parts of all ranks must together be each sample exactly once).
+    ``None`` (default): True exactly for a DataLoader with a ``DistributedSampler``, which must not
+    pad or drop (the data set's size a multiple of the world size), since a padded sample would
+    count twice in the sums and a dropped one not at all."""
+    from torch.utils.data.distributed import DistributedSampler
+    sharded = is_rank_local(data) if data_is_sharded is None else bool(data_is_sharded)
+    if not sharded:
+        return comm.shard_data(data)
+    sampler = getattr(data, "sampler", None)
+    if isinstance(sampler, DistributedSampler):
+        n = len(sampler.dataset)
+        if sampler.total_size != n or n % comm.world:
+            raise ValueError(
+                f"the DistributedSampler over {n} samples pads or drops to {sampler.total_size} "
+                f"for {comm.world} ranks, so some samples would count twice or not at all in the "
+                f"sums: pass the whole data (data_is_sharded=False; each rank then takes rank::world) "
+                f"or a data set whose size is a multiple of {comm.world}")
+    return data
+
+
+def _pack(sums: "PassSums", scale: float = 1.0) -> tuple[torch.Tensor, list]:
+    """One float64 vector with n, the loss, the gradient, every factor and the diagonal."""
+    parts = [torch.tensor([float(sums.n), sums.loss], dtype=torch.float64, device=sums.grad.device),
+             sums.grad.double().reshape(-1)]
+    spec: list = []
+    for side in ("A", "G"):
+        for k in sorted(getattr(sums, side)):
+            t = getattr(sums, side)[k]
+            spec.append((side, k, tuple(t.shape), t.dtype))
+            parts.append(t.double().reshape(-1))
+    if sums.diag is not None:
+        spec.append(("diag", None, tuple(sums.diag.shape), sums.diag.dtype))
+        parts.append(sums.diag.double().reshape(-1))
+    buf = torch.cat(parts)
+    if scale != 1.0:
+        buf.mul_(scale)
+    return buf, spec
+
+
+def _unpack(buf: torch.Tensor, spec: list, grad_dtype: torch.dtype, d: int) -> "PassSums":
+    from .curvature import PassSums
+    out = PassSums(n=int(round(float(buf[0]))), loss=float(buf[1]), grad=buf[2:2 + d].to(grad_dtype))
+    o = 2 + d
+    for side, k, shape, dt in spec:
+        m = int(torch.Size(shape).numel())
+        t = buf[o:o + m].reshape(shape).to(dt)
+        o += m
+        if side == "diag":
+            out.diag = t
+        else:
+            getattr(out, side)[k] = t
+    return out
+
+
+def summed_pass(comm: Communicator, data: Any, run_pass: Callable[[Any], "PassSums"], *,
+                data_is_sharded: bool | None = False) -> "PassSums":
+    """``run_pass`` (a data pass returning :class:`~mini_unlearn.curvature.PassSums`) over this
+    rank's share of ``data`` (:func:`local_share`), summed over the ranks: every rank gets the
+    sums of the whole data (n, loss, gradient, K-FAC factors, diagonal), identical everywhere.
+
+    The local pass runs under :meth:`Communicator.run`, so if it fails on any rank every rank
+    raises the same :class:`DistributedError`; the sums then travel in one float64 all-reduce
+    (float64, so the order of the ranks' partial sums costs no fp32 rounding). A rank whose share
+    is empty (fewer samples than ranks) runs the pass on one sample and contributes zeros, so
+    that every rank's sums have the same structure."""
+    from . import _batches
+
+    def local():
+        part = local_share(comm, data, data_is_sharded)
+        empty = not data_is_sharded and _batches.count(part) == 0
+        if empty:  # same shapes as the others', zero weight
+            part = _batches.subset(data, torch.arange(1))
+        s = run_pass(part)
+        buf, spec = _pack(s, 0.0 if empty else 1.0)
+        return buf, spec, s.grad.dtype, s.grad.numel()
+
+    buf, spec, dt, d = comm.run(local)
+    self_sum = comm.sum_(buf)
+    return _unpack(self_sum, spec, dt, d)
+
+
+def gather_ints(comm: Communicator, values: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's 1-D int64 tensor (any length), in rank order (raw bytes, no pickle)."""
+    from .log import _dist
+    raw = values.detach().to(torch.int64).contiguous().cpu().numpy().tobytes()
+    return [torch.frombuffer(bytearray(b), dtype=torch.int64).clone() if b else torch.zeros(0, dtype=torch.int64)
+            for b in _dist.all_gather_bytes(raw, comm.group)]
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from . import models as M
 from .data import train_subset, forget_split, load_dataset
 from .evaluate import avg_gap, evaluate, param_distance, peak_rss_bytes
+from .distributed import LOCAL
 from .recorder import Recorder
 from .unlearn import unlearn
 
@@ -153,7 +154,7 @@ def _unlearn_ratio(cfg: Config, ctx: dict, ratio: float) -> dict:
         "deltagrad": dict(log=ctx["log_all"], method="deltagrad"),
         "nabla_tau": dict(log=log, method="nabla_tau", retain=retain, val=ctx["val"]),
         "retrain": dict(log=log, method="retrain", recipe=recipe, make_model=fresh,
-                        retain_indices=r),
+                        retain_indices=r, group=LOCAL),  # under torchrun: on every rank alike
         "finetune": dict(log=log, method="finetune", retain=retain),
         "neggrad": dict(log=log, method="neggrad", retain=retain),
     }

@@ -54,20 +54,36 @@ class _Segment:
     sum is one flat fp32 buffer (the log's flat layout) with per-parameter views, so closing the
     segment compresses it in place with no full-size temporary."""
 
-    def __init__(self, params: list[torch.Tensor], groups: int, precond: bool):
+    def __init__(self, params: list[torch.Tensor], groups: int, precond: bool,
+                 span: tuple[int, int] | None = None):
         d = sum(p.numel() for p in params)
+        lo, hi = (0, d) if span is None else span
         dev = params[0].device
-        self.flat = {k: torch.zeros(d, device=dev) for k in (("grad", "w", "d") if precond else ("grad", "w"))}
+        # the parts of the parameters inside this rank's slice [lo, hi) of the flat vector (all of
+        # them on one process): (parameter index, start, stop within it, start in the buffer)
+        self.pieces: list[tuple[int, int, int, int]] = []
+        o = 0
+        for i, p in enumerate(params):
+            a, b = max(lo, o), min(hi, o + p.numel())
+            if a < b:
+                self.pieces.append((i, a - o, b - o, a - lo))
+            o += p.numel()
+        self.whole = span is None
+        self.flat = {k: torch.zeros(hi - lo, device=dev) for k in (("grad", "w", "d") if precond else ("grad", "w"))}
         self.views = {k: list(self._views(v, params)) for k, v in self.flat.items()}
         self.steps = 0
         self.runs: list[list[list]] = [[] for _ in range(groups)]  # per group: [*rule, steps]
 
-    @staticmethod
-    def _views(flat: torch.Tensor, params):
-        o = 0
-        for p in params:
-            yield flat[o:o + p.numel()].view(p.shape)
-            o += p.numel()
+    def _views(self, flat: torch.Tensor, params):
+        for i, a, b, at in self.pieces:
+            v = flat[at:at + b - a]
+            yield v.view(params[i].shape) if self.whole else v
+
+    def parts(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The pieces of per-parameter ``tensors`` that this segment sums (views where possible)."""
+        if self.whole:
+            return list(tensors)
+        return [tensors[i].reshape(-1)[a:b] for i, a, b, _ in self.pieces]
 
     @property
     def dsum(self):
@@ -76,7 +92,9 @@ class _Segment:
     def add(self, grads: list[torch.Tensor], weights: list[torch.Tensor], rules: list[list]) -> None:
         if grads[0].dtype != torch.float32:
             grads, weights = [g.float() for g in grads], [w.float() for w in weights]
-        torch._foreach_add_(self.views["grad"] + self.views["w"], grads + weights)  # one fused launch
+        grads, weights = self.parts(grads), self.parts(weights)
+        if grads:  # (a rank whose slice is empty holds nothing)
+            torch._foreach_add_(self.views["grad"] + self.views["w"], grads + weights)  # one fused launch
         self.steps += 1
         for runs, rule in zip(self.runs, rules):
             _add_run(runs, rule)
@@ -174,13 +192,19 @@ class Recorder:
             DeltaGrad; pass ``indices=`` to ``step``).
         block: quantisation block size.
         spill_dir: write closed segments to this directory instead of keeping them in memory.
+        group: the torch.distributed process group (default: the world group when one is
+            initialised). Inside a torchrun job of N ≥ 2 ranks every rank records only its
+            contiguous, block-aligned slice of each flat history vector (1/N of the memory); the
+            optimizer hook and ``step`` add no communication (under DDP the gradients are
+            already identical on every rank). ``finalize`` is then a collective and returns this
+            rank's shard of the log (docs/distributed.md).
     """
 
     def __init__(self, model: nn.Module, checkpoints: int = 10, compression: str = "int8",
                  curvature: str = "kfac", params: list[str] | None = None,
                  total_steps: int | None = None, grad_includes_weight_decay: bool = False,
                  fisher: str = "auto", history: str = "minimal", block: int = 256, mc_samples: int = 1,
-                 spill_dir: str | os.PathLike | None = None):
+                 spill_dir: str | os.PathLike | None = None, group=None):
         if curvature not in ("kfac", "exact"):
             raise ValueError(f"curvature must be 'kfac' or 'exact', got {curvature!r}")
         if fisher not in ("auto", "ggn", "mc", "empirical"):
@@ -206,6 +230,10 @@ class Recorder:
         if self.spill_dir is not None:
             os.makedirs(self.spill_dir, exist_ok=True)
         self._params = self.layout.params(model)
+        from .distributed import communicator
+        self.comm = communicator(group)
+        #: this rank's slice [lo, hi) of every flat history vector (None: the whole vector)
+        self.span = None if self.comm is None else self.comm.slice(self.layout.numel, block)
         self._weights = [p.detach() for p in self._params]  # views: optimizers update in place
         self._seg_len = max(1, math.ceil(total_steps / self.K)) if (total_steps and self.K) else 1
         self._fixed_len = bool(total_steps)
@@ -298,7 +326,9 @@ class Recorder:
         if adapter.preconditioned and self._open is not None and self.K:
             ds = [adapter.precond(opt, opt.param_groups[gi], p, self._group_steps[gi])
                   for p, gi in zip(self._params, group_of)]
-            torch._foreach_add_(self._open.dsum, ds)
+            ds = self._open.parts([d.float() for d in ds])
+            if ds:
+                torch._foreach_add_(self._open.dsum, ds)
         if self._open is not None and self._open.steps >= self._seg_len:
             self._close()
 
@@ -325,7 +355,7 @@ class Recorder:
             return
         if self._open is None:
             precond = self._optim is not None and self._optim[1].preconditioned
-            self._open = _Segment(self._params, len(rules), precond)
+            self._open = _Segment(self._params, len(rules), precond, self.span)
         if self._weights[0].data_ptr() != self._params[0].data_ptr():  # model moved (.to())
             self._weights = [p.detach() for p in self._params]
         self._open.add(grads, self._weights, rules)
@@ -376,6 +406,8 @@ class Recorder:
             raise ValueError("history='all' needs the batch: call step(lr, indices=batch_indices)")
         w = self.layout.flatten(self._params)
         g = self.layout.flatten([p.grad for p in self._params])
+        if self.span is not None:  # this rank's slice only (the full vectors are transient)
+            w, g = w[self.span[0]:self.span[1]].clone(), g[self.span[0]:self.span[1]].clone()
         if not self._all_w:
             self._w0 = w.clone()  # the replay's start, kept exact (quantising it costs DeltaGrad)
         self._all_w.append(compress(w, self.fmt, block=self.block))
@@ -386,7 +418,7 @@ class Recorder:
     # ---- after training ----
     def finalize(self, train_data, loss_fn, weight_decay: float | None = None, *, batch_size: int = 512,
                  progress: bool = True, device=None, exact_checkpoint_grads: bool = False,
-                 segment_spectra: int = 0) -> GradientLog:
+                 segment_spectra: int = 0, data_is_sharded: bool | None = None) -> GradientLog:
         """Anchor + curvature pass over ``train_data`` (X, y tensors, Dataset or DataLoader);
         ``loss_fn(outputs, targets)`` is the mean loss. Returns the log.
 
@@ -400,7 +432,19 @@ class Recorder:
         ``exact_checkpoint_grads=True`` replaces each segment's mean minibatch gradient by the
         full-data gradient at the segment's mean weights (K extra passes over the data): a
         study option. ``segment_spectra=m`` (> 0) also stores each segment's curvature spectra,
-        projected into the final K-FAC eigenbasis, from m training samples at its mean weights."""
+        projected into the final K-FAC eigenbasis, from m training samples at its mean weights.
+
+        Inside a torchrun job (see the class docstring) ``finalize`` is a collective: each rank
+        runs the pass over its share of ``train_data`` and the sums (loss, gradient, K-FAC
+        factors, diagonals) are all-reduced; each layer's eigendecompositions run on one owner
+        rank (balanced by cost ∝ d³), and the result is this rank's shard of the log (save it
+        with ``log.save(path)`` on every rank). ``data_is_sharded``: False: ``train_data`` is the
+        whole data set on every rank (each takes ``rank::world``); True: it is already this
+        rank's part; None (default): True for a DataLoader with a DistributedSampler
+        (:func:`mini_unlearn.distributed.local_share`). The two study options are single-process."""
+        if self.comm is not None:
+            return self._finalize_dist(train_data, loss_fn, weight_decay, batch_size, progress, device,
+                                       exact_checkpoint_grads, segment_spectra, data_is_sharded)
         model, layout = self.model, self.layout
         if device is None:
             device = self._params[0].device
@@ -462,6 +506,88 @@ class Recorder:
         log.train_data = train_data  # in memory only: lets unlearn(indices=...) find the rows
         return log
 
+    def _finalize_dist(self, train_data, loss_fn, weight_decay, batch_size, progress, device,
+                       exact_checkpoint_grads, segment_spectra, data_is_sharded) -> GradientLog:
+        """``finalize`` on rank k of N (see there): this rank's shard of the log."""
+        from .distributed import gather_ints, local_share, summed_pass
+
+        comm, model, layout = self.comm, self.model, self.layout
+        if exact_checkpoint_grads or segment_spectra:
+            raise UnsupportedTrainingError("exact_checkpoint_grads and segment_spectra are single-process "
+                                           "study options; run them without torchrun")
+        if device is None:
+            device = self._params[0].device
+        lam = self._default_decay() if weight_decay is None else float(weight_decay)
+        blocks, diag_names = kron_blocks(model, layout)
+        exact = self.curvature == "exact"
+        mode_kw = {"train_mode": bool(self.train_mode)}
+        if self.fisher == "auto":  # every rank probes the same sample: the same answer everywhere
+            probe = local_share(comm, train_data, data_is_sharded) if data_is_sharded else train_data
+            self.fisher = "ggn" if _num_outputs(model, probe, device) <= 64 else "mc"
+        if self.fisher == "mc":
+            mode_kw.update(mc_samples=self.mc_samples, seed=0)
+        show = progress and comm.rank == 0
+
+        def run_pass(part):
+            bar = tqdm(total=_batches.count(part), desc="mini_unlearn: anchor + curvature pass (rank 0's share)",
+                       disable=not show, leave=False)
+            try:
+                return data_pass(model, layout, part, loss_fn, curvature=not exact, blocks=blocks,
+                                 diag_names=diag_names, fisher=self.fisher, batch_size=batch_size,
+                                 device=device, progress=bar, **mode_kw)
+            finally:
+                bar.close()
+
+        sums = summed_pass(comm, train_data, run_pass, data_is_sharded=data_is_sharded)
+        n = sums.n
+        lo, hi = self.span
+        log = GradientLog.for_model(model, params=layout.names, fmt=self.fmt, block=self.block)
+        log = log.shard_of(comm.rank, comm.world, align=self.block)
+        if (log.lo, log.hi) != (lo, hi):  # the recorder's slices are the log's shard ranges
+            raise AssertionError(f"shard range {(log.lo, log.hi)} != recorded slice {(lo, hi)}")
+        w_a = layout.get(model)
+        log.put("anchor/w", w_a, exact=True, placement="flat")
+        log.put("anchor/g", sums.grad[lo:hi] / n, exact=True, placement="flat")
+        meta = log.meta
+        meta.update(n_train=n, weight_decay=lam, loss_reduction="mean", anchor_loss=sums.loss / n,
+                    curvature=self.curvature, fisher=self.fisher, mc_samples=self.mc_samples, history=self.history,
+                    steps_recorded=self.steps, grad_includes_weight_decay=self.grad_includes_wd,
+                    train_mode=bool(self.train_mode), recorded_by_ranks=comm.world)
+        if self._optim is not None:
+            opt, adapter, group_of, _ = self._optim
+            meta["optimizer"] = {"name": type(opt).__name__, "preconditioned": adapter.preconditioned,
+                                 "group_of": dict(zip(layout.names, group_of))}
+        if exact:
+            H = comm.run(lambda: dense_hessian(model, layout, local_share(comm, train_data, data_is_sharded),
+                                               loss_fn, batch_size, device))
+            log.put("hessian", comm.sum_(H) / n, exact=True)
+        else:
+            meta["kron_blocks"] = [dict(module=b.module, weight=b.weight, bias=b.bias, d_out=b.d_out,
+                                        d_in=b.d_in) for b in blocks]
+            meta["diag_params"] = list(diag_names)
+            owners = comm.owners([float(sums.A[b.module].shape[0] ** 3 + sums.G[b.module].shape[0] ** 3)
+                                  for b in blocks])
+            meta["kfac_owners"] = dict(zip([b.module for b in blocks], owners))
+            mine = [(b, side) for b, o in zip(blocks, owners) if o == comm.rank for side in ("A", "G")]
+            # the owner's eigendecompositions; a failure on any rank raises on every rank
+            eig = comm.run(lambda: {(b.module, side): eigh_psd(getattr(sums, side)[b.module] / n)
+                                    for b, side in mine})
+            for b, o in zip(blocks, owners):
+                for side in ("A", "G"):
+                    m = getattr(sums, side)[b.module]
+                    s_, U = eig.get((b.module, side)) or (torch.empty(m.shape[0]), torch.empty(m.shape))
+                    log.put(f"kfac/{b.module}/U_{side}", U, owner=o)
+                    log.put(f"kfac/{b.module}/s_{side}", s_, exact=True, owner=o)
+            if diag_names:
+                log.put("diag/nu", sums.diag / n, exact=True)
+        self._finalize_segments(log, w_a[lo:hi], lam, None)
+        if self.history == "all":
+            self._finalize_all(log, gather_ints)
+        meta["modes"] = ["oneshot", "refresh"] + (["trajectory"] if meta.get("segments") else []) \
+            + (["deltagrad"] if self.history == "all" else [])
+        log.train_data = train_data  # in memory only: lets unlearn(indices=...) find the rows
+        return log
+
     def _default_decay(self) -> float:
         if self._optim is None or not self._open and not self._closed:
             return 0.0
@@ -495,10 +621,11 @@ class Recorder:
                     gd = s.grad / s.n
                     self.layout.set(self.model, w_a)
                 g = gd
-            log.append_row("ckpt/grad", g)
-            log.append_row("ckpt/w", v["w"])
+            flat = "flat" if self.span is not None else None  # a rank's slices
+            log.append_row("ckpt/grad", g, placement=flat)
+            log.append_row("ckpt/w", v["w"], placement=flat)
             if "d" in v:
-                log.append_row("ckpt/d", v["d"])
+                log.append_row("ckpt/d", v["d"], placement=flat)
             if self._optim is None:
                 info.append({"steps": seg.steps, "lr_runs": _compact(seg.runs[0], seg.steps)})
             else:
@@ -527,13 +654,25 @@ class Recorder:
         self.layout.set(self.model, w_a)
         log.meta["segment_spectra"] = m
 
-    def _finalize_all(self, log: GradientLog) -> None:
-        log.put("all/w0", self._w0, exact=True)
+    def _finalize_all(self, log: GradientLog, gather_ints=None) -> None:
+        flat = "flat" if self.span is not None else None
+        log.put("all/w0", self._w0, exact=True, placement=flat)
         for w, g in zip(self._all_w, self._all_g):
-            log.append_row("all/w", w)
-            log.append_row("all/g", g)
-        log.put("all/batch_sizes", torch.tensor([len(b) for b in self._all_batches]), exact=True)
-        log.put("all/batch_indices", torch.cat(self._all_batches), exact=True)
+            log.append_row("all/w", w, placement=flat)
+            log.append_row("all/g", g, placement=flat)
+        sizes = torch.tensor([len(b) for b in self._all_batches], dtype=torch.int64)
+        idx = torch.cat(self._all_batches) if self._all_batches else torch.zeros(0, dtype=torch.int64)
+        if gather_ints is not None:  # a step's batch is the union of the ranks' batches, in rank order
+            all_sizes, all_idx = gather_ints(self.comm, sizes), gather_ints(self.comm, idx)
+            if len({s.numel() for s in all_sizes}) != 1:
+                raise UnsupportedTrainingError(f"the ranks recorded different numbers of steps "
+                                               f"{[s.numel() for s in all_sizes]}")
+            parts = [list(torch.split(i, s.tolist())) for i, s in zip(all_idx, all_sizes)]
+            sizes = torch.stack(all_sizes).sum(0)
+            idx = torch.cat([p[k] for k in range(len(self._all_batches)) for p in parts]) \
+                if self._all_batches else idx
+        log.put("all/batch_sizes", sizes, exact=True)
+        log.put("all/batch_indices", idx, exact=True)
         log.put("all/lr", torch.tensor(self._all_lr), exact=True)
 
 

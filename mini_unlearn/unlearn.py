@@ -93,7 +93,7 @@ def _check_forget(forget, work: nn.Module, n: int) -> int:
 def unlearn(model: nn.Module, log, forget=None, *, loss_fn, method: str = "mini", mode: str = "auto",
             retain=None, indices=None, train_data=None, max_passes: int = 8, tol: float = 1e-6,
             in_place: bool = False, batch_size: int = 512, progress: bool = False,
-            recalibrate: bool = True, **method_kwargs) -> UnlearnResult:
+            recalibrate: bool = True, group=None, **method_kwargs) -> UnlearnResult:
     """Remove the influence of ``forget`` from ``model`` using the recorded ``log``.
 
     Args:
@@ -114,7 +114,16 @@ def unlearn(model: nn.Module, log, forget=None, *, loss_fn, method: str = "mini"
         recalibrate: models with BatchNorm running statistics: recompute them on ``retain`` with a
             forward-only pass when it is given; otherwise the original's statistics are kept
             (``result.info["norm_stats"]`` says which).
+        group: the torch.distributed process group (default: the world group if initialised).
         **method_kwargs: passed to the method (e.g. ``unstable="clip"`` for "mini").
+
+    Inside a torchrun job of N ≥ 2 ranks (method "mini" only; others raise
+    UnsupportedTrainingError) every rank calls ``unlearn`` with the same model, log (its shard,
+    or a full log) and forget set: the log's shards are gathered once, each forget/retained pass
+    runs over this rank's ``rank::world`` share with its sums all-reduced, and the rest runs
+    identically on every rank, so every rank returns the same unlearned model. If any rank fails,
+    every rank raises the same :class:`~mini_unlearn.distributed.DistributedError` and no rank's
+    model is modified (docs/distributed.md).
 
     Every result is checked: finite parameters and buffers, and (trajectory) a training map that
     contracts in every direction under the recorded optimizer; anything else raises a typed
@@ -122,6 +131,42 @@ def unlearn(model: nn.Module, log, forget=None, *, loss_fn, method: str = "mini"
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(sorted(METHODS))}")
+    from .distributed import communicator
+    comm = communicator(group)
+    if comm is None:
+        work, out, seconds = _compute(model, log, forget, loss_fn, method, mode, retain, indices, train_data,
+                                      max_passes, tol, batch_size, progress, recalibrate, None, method_kwargs)
+    else:
+        if "comm" not in inspect.signature(METHODS[method]).parameters:
+            from .errors import UnsupportedTrainingError
+            raise UnsupportedTrainingError(
+                f"method {method!r} has no data-parallel path: inside a torchrun job only method='mini' "
+                "runs (its passes are split across the ranks); run the others in one process")
+        if getattr(log, "is_shard", False):  # collective, before any user code can fail on one rank
+            full = log.gather(group=group)
+            full.train_data = getattr(log, "train_data", None)
+            log = full
+        work, out, seconds = comm.run(lambda: _compute(
+            model, log, forget, loss_fn, method, mode, retain, indices, train_data, max_passes, tol,
+            batch_size, progress and comm.rank == 0, recalibrate, comm, method_kwargs))
+        out["ranks"] = comm.world
+    if in_place:  # only now, after every rank succeeded
+        with torch.no_grad():
+            for dst, src in zip(model.parameters(), work.parameters()):
+                dst.copy_(src)
+            for dst, src in zip(model.buffers(), work.buffers()):
+                dst.copy_(src)
+        work = model
+    info = {k: v for k, v in out.items() if k not in ("mode", "passes", "grad_evals", "certificate", "verified")}
+    return UnlearnResult(work, method, out.get("mode"), int(out.get("passes", 0)),
+                         int(out.get("grad_evals", 0)), out.get("certificate"),
+                         bool(out.get("verified", False)), seconds, int(log.nbytes()), info)
+
+
+def _compute(model, log, forget, loss_fn, method, mode, retain, indices, train_data, max_passes, tol,
+             batch_size, progress, recalibrate, comm, method_kwargs) -> tuple[nn.Module, dict, float]:
+    """The unlearned copy of ``model``, the method's result fields and the seconds it took;
+    ``model`` itself is never written here."""
     log.check_model(model)
     n = int(log.meta["n_train"])
     forget_indices = None
@@ -138,12 +183,16 @@ def unlearn(model: nn.Module, log, forget=None, *, loss_fn, method: str = "mini"
     r = _check_forget(forget, work, n)
     device = next(model.parameters()).device
     w_model = log.flatten(model)
+    if getattr(log, "is_shard", False):  # a shard's own slice (group=LOCAL inside torchrun)
+        w_model = log.local(w_model)
     w_a = log.get("anchor/w").to(device)
     if not torch.allclose(w_model, w_a, rtol=1e-5, atol=1e-6):
         raise LogMismatchError("the model's weights differ from the log's anchor: unlearn the model "
                                "the log was finalized on (or re-finalize the log for this model)")
     # Methods that replay training (DeltaGrad) need the forget set as rows of the training data.
     extra = _accepted(METHODS[method], forget_indices=forget_indices, train_data=train_data)
+    if comm is not None:
+        extra["comm"] = comm
     t0 = time.perf_counter()
     out = METHODS[method](work, log, forget, loss_fn, mode=mode, retain=retain, r=r,
                           max_passes=max_passes, tol=tol, batch_size=batch_size, device=device,
@@ -156,18 +205,7 @@ def unlearn(model: nn.Module, log, forget=None, *, loss_fn, method: str = "mini"
         out.setdefault("norm_stats", "recalibrated on retain")
     elif _has_running_stats(work):
         out.setdefault("norm_stats", "kept from the original model (pass retain= to recalibrate)")
-    seconds = time.perf_counter() - t0
-    if in_place:
-        with torch.no_grad():
-            for dst, src in zip(model.parameters(), work.parameters()):
-                dst.copy_(src)
-            for dst, src in zip(model.buffers(), work.buffers()):
-                dst.copy_(src)
-        work = model
-    info = {k: v for k, v in out.items() if k not in ("mode", "passes", "grad_evals", "certificate", "verified")}
-    return UnlearnResult(work, method, out.get("mode"), int(out.get("passes", 0)),
-                         int(out.get("grad_evals", 0)), out.get("certificate"),
-                         bool(out.get("verified", False)), seconds, int(log.nbytes()), info)
+    return work, out, time.perf_counter() - t0
 
 
 def _has_running_stats(model: nn.Module) -> bool:

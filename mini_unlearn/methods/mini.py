@@ -28,20 +28,28 @@ def _blocks(log) -> list[KronBlock]:
 
 
 def forget_pass(model, layout: Layout, log, w: torch.Tensor, forget, loss_fn, *, curvature: bool,
-                batch_size: int, device) -> PassSums:
-    """Σ over the forget set of losses and gradients at ``w`` (+ its curvature when asked)."""
+                batch_size: int, device, comm=None) -> PassSums:
+    """Σ over the forget set of losses and gradients at ``w`` (+ its curvature when asked).
+    With a communicator (torchrun) each rank passes over its share and the sums are all-reduced."""
     layout.set(model, w)
     exact = log.meta["curvature"] == "exact"
     blocks = _blocks(log)
-    sums = data_pass(model, layout, forget, loss_fn, curvature=curvature and not exact, blocks=blocks,
-                     diag_names=log.meta.get("diag_params", []) if curvature else (),
-                     fisher=log.meta.get("fisher", "ggn"), batch_size=batch_size, device=device,
-                     **({"mc_samples": int(log.meta.get("mc_samples", 1)), "seed": 0}
-                        if log.meta.get("fisher") == "mc" else {}),
-                     train_mode=bool(log.meta.get("train_mode", False)))
-    if curvature and exact:
-        sums.A["hessian"] = dense_hessian(model, layout, forget, loss_fn, batch_size, device)
-    return sums
+
+    def one(part) -> PassSums:
+        sums = data_pass(model, layout, part, loss_fn, curvature=curvature and not exact, blocks=blocks,
+                         diag_names=log.meta.get("diag_params", []) if curvature else (),
+                         fisher=log.meta.get("fisher", "ggn"), batch_size=batch_size, device=device,
+                         **({"mc_samples": int(log.meta.get("mc_samples", 1)), "seed": 0}
+                            if log.meta.get("fisher") == "mc" else {}),
+                         train_mode=bool(log.meta.get("train_mode", False)))
+        if curvature and exact:
+            sums.A["hessian"] = dense_hessian(model, layout, part, loss_fn, batch_size, device)
+        return sums
+
+    if comm is None:
+        return one(forget)
+    from ..distributed import summed_pass
+    return summed_pass(comm, forget, one)
 
 
 def preconditioner(log, layout: Layout, fsums: PassSums, n: int, r: int, lam: float,
@@ -151,13 +159,17 @@ def kron_pcg(log, layout: Layout, fs: PassSums, n: int, r: int, lam: float, b: t
 
 def run(model, log, forget, loss_fn, *, mode: str, retain, r: int, max_passes: int, tol: float,
         batch_size: int, device, progress: bool, unstable: str = "raise", allow_adam: bool = False,
-        repair_epochs: int | None = None, repair_batch_size: int | None = None, seed: int = 0) -> dict:
+        repair_epochs: int | None = None, repair_batch_size: int | None = None, seed: int = 0,
+        comm=None) -> dict:
     """Mini-Unlearning on ``model`` (a private copy, modified in place). Returns the result
     fields: mode, passes, grad_evals, certificate, verified (and the trajectory's stability
     diagnostics). ``unstable``: "raise" (default) raises CurvatureScaleError when the logged
     curvature says training would have diverged in some direction; "clip" clips those
     directions to critical damping and reports them. ``allow_adam=True`` runs the (measured as
-    inaccurate) Adam/AdamW trajectory anyway, for studies.
+    inaccurate) Adam/AdamW trajectory anyway, for studies. ``comm`` (a
+    :class:`~mini_unlearn.distributed.Communicator`, inside torchrun): the forget and retained
+    passes run data-parallel and their sums are all-reduced; everything else runs redundantly,
+    identically, on every rank (docs/distributed.md), the retained repair included.
 
     Retained repair (trajectory mode with ``retain=`` given): ``repair_epochs`` epochs
     (default 2; 0 turns it off) of the recorded optimizer's final step rule (learning rate,
@@ -198,7 +210,7 @@ def run(model, log, forget, loss_fn, *, mode: str, retain, r: int, max_passes: i
             raise ValueError("mode='trajectory' needs checkpoints: record with Recorder(checkpoints=K) "
                              "and rec.attach(optimizer) (or rec.step(lr) at every plain-SGD step)")
         w, stability = _trajectory(model, layout, log, forget, loss_fn, n, r, lam, w_a, segments,
-                                   batch_size, device, progress, unstable)
+                                   batch_size, device, progress, unstable, comm)
         _check_finite(w, "trajectory")
         layout.set(model, w)
         out = dict(mode="trajectory", passes=len(segments), grad_evals=r * len(segments),
@@ -217,7 +229,7 @@ def run(model, log, forget, loss_fn, *, mode: str, retain, r: int, max_passes: i
             out["repair"] = rep
         return out
     fs = forget_pass(model, layout, log, w_a, forget, loss_fn, curvature=True, batch_size=batch_size,
-                     device=device)
+                     device=device, comm=comm)
     g0 = (n * g_a - fs.grad) / (n - r) + lam * w_a
     if mode == "oneshot":
         step = kron_pcg(log, layout, fs, n, r, lam, g0, device)
@@ -234,10 +246,17 @@ def run(model, log, forget, loss_fn, *, mode: str, retain, r: int, max_passes: i
     f0 = (n * float(meta["anchor_loss"]) - fs.loss) / (n - r) + 0.5 * lam * float(w_a @ w_a)
     bar = tqdm(total=max_passes, desc="mini_unlearn: refresh passes", disable=not progress, leave=False)
 
+    def retained(part):
+        return data_pass(model, layout, part, loss_fn, batch_size=batch_size, device=device,
+                         train_mode=bool(meta.get("train_mode", False)))
+
     def fg(w):
         layout.set(model, w)
-        s = data_pass(model, layout, retain, loss_fn, batch_size=batch_size, device=device,
-                      train_mode=bool(meta.get("train_mode", False)))
+        if comm is None:
+            s = retained(retain)
+        else:
+            from ..distributed import summed_pass
+            s = summed_pass(comm, retain, retained)
         bar.update(1)
         return s.loss / s.n + 0.5 * lam * float(w @ w), s.grad / s.n + lam * w
 
@@ -378,7 +397,7 @@ def _critical(nu_p: torch.Tensor, d, rule: StepRule) -> torch.Tensor:
 
 
 def _trajectory(model, layout, log, forget, loss_fn, n, r, lam, w_a, segments, batch_size, device,
-                progress, unstable: str = "raise") -> tuple[torch.Tensor, dict]:
+                progress, unstable: str = "raise", comm=None) -> tuple[torch.Tensor, dict]:
     """Integrate the linearised retraining error over the K checkpoints under the recorded
     optimizer, e = w_retrain − w in each block's eigenbasis; w_u = w_a + U e. Plain SGD uses the
     fused ``contraction_accumulate`` (acc = −e); momentum and Adam carry the 2-state (u, e)."""
@@ -387,7 +406,7 @@ def _trajectory(model, layout, log, forget, loss_fn, n, r, lam, w_a, segments, b
     def delta(k, curvature):
         w_k = segment_weights(log, k, w_a)
         s = forget_pass(model, layout, log, w_k, forget, loss_fn, curvature=curvature,
-                        batch_size=batch_size, device=device)
+                        batch_size=batch_size, device=device, comm=comm)
         return (r * log.row("ckpt/grad", k).to(device) - s.grad) / (n - r), s
 
     block_groups, diag_groups = _block_groups(log, layout)
