@@ -5,8 +5,9 @@ set's influence with Mini-Unlearning (contraction mapping + minimal history) far
 retraining; baselines, evaluation against retraining and MIA, and kernel benchmarks included.
 """
 from ._backend import backend, has_cuda_kernels
-from .errors import (CurvatureScaleError, ForgetSetError, LineSearchError, LogFormatError,
-                     LogMismatchError, MiniUnlearnError, NonFiniteError, UnsupportedTrainingError)
+from .errors import (CurvatureScaleError, ForgetSetError, LinearisationError, LineSearchError,
+                     LogFormatError, LogMismatchError, MiniUnlearnError, NonFiniteError,
+                     UnsupportedTrainingError)
 from . import ops
 from .log import GradientLog
 from .recorder import Recorder
@@ -18,5 +19,5 @@ __all__ = [
     "backend", "has_cuda_kernels", "ops", "__version__", "GradientLog", "Recorder", "unlearn",
     "UnlearnResult",
     "MiniUnlearnError", "LogFormatError", "LogMismatchError", "ForgetSetError", "NonFiniteError",
-    "LineSearchError", "UnsupportedTrainingError", "CurvatureScaleError",
+    "LineSearchError", "UnsupportedTrainingError", "CurvatureScaleError", "LinearisationError",
 ]

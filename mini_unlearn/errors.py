@@ -32,3 +32,9 @@ class UnsupportedTrainingError(MiniUnlearnError, ValueError):
 class CurvatureScaleError(MiniUnlearnError, ArithmeticError):
     """The logged curvature says training itself would have diverged in some direction under the
     recorded optimizer (spectral radius ≥ 1): its scale is wrong, so the result would be amplified."""
+
+
+class LinearisationError(MiniUnlearnError, ArithmeticError):
+    """The unlearned model's predictions on the forget set moved far more than the log's curvature
+    predicts for its step: the linearised retraining does not hold for this model at this forget
+    ratio, so the answer cannot be stood behind."""

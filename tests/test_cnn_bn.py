@@ -59,3 +59,21 @@ def test_bn_cnn_trajectory_tracks_retraining(run, with_retain):
     if with_retain:  # the running statistics now describe the retained data
         bn = [k for k in before if k.endswith("running_mean")]
         assert any(not torch.equal(before[k], res.model.state_dict()[k]) for k in bn)
+
+
+def test_bn_cnn_at_half_the_data_raises_instead_of_a_wrong_model(run):
+    """At 50 % the BatchNorm CNN's trajectory lands 20 test points below retraining (measured);
+    the linearity check catches it: LinearisationError, the caller's model untouched, and the
+    ratio reported for runs that pass (the 10 % case of the fixture)."""
+    ds, model = run["ds"], run["model"]
+    before = copy.deepcopy(model.state_dict())
+    f, _ = forget_split(ds.n_train, 0.5, seed=1)
+    with pytest.raises(mu.errors.LinearisationError, match="linearity_limit=None"):
+        mu.unlearn(model, run["log"], indices=f, loss_fn=M.loss_fn)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    ok = mu.unlearn(model, run["log"], indices=run["f"], loss_fn=M.loss_fn)
+    lin = ok.info["stability"]["linearity"]
+    assert 0 < lin["predicted"] and lin["ratio"] <= 15.0
+    # opting out returns the (measured wrong) model, with the diagnostics
+    off = mu.unlearn(model, run["log"], indices=f, loss_fn=M.loss_fn, linearity_limit=None)
+    assert off.info["stability"]["linearity"]["ratio"] > 15.0
