@@ -372,3 +372,17 @@ def test_gpt_trajectory_forgets_one_document_toward_retraining():
     # measured 1.91 -> 4.04 (retraining 3.30): toward retraining, with an overshoot that the
     # exact GGN halves (3.56) on this tiny, far-from-converged model (docs/math.md, "Language models")
     assert abs(lu - lr) < 0.75 * abs(lo - lr), (lo, lu, lr)
+
+
+def test_a_block_whose_module_never_runs_is_refused():
+    """The bug class nn.MultiheadAttention had: a Linear applied functionally by its parent."""
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.Linear(3, 4)
+
+        def forward(self, x):
+            return F.linear(x, self.inner.weight, self.inner.bias)
+
+    with pytest.raises(UnsupportedTrainingError, match="saw no call"):
+        run_pass(Functional(), (torch.randn(5, 3), torch.randint(0, 4, (5,))), loss=F.cross_entropy)

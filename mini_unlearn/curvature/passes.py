@@ -215,6 +215,13 @@ def _pass(model, layout, data, loss_fn, curvature, blocks, diag_names, fisher, b
         for v in seen.values():
             v.clear()
     sums.loss = float(loss_sum)
+    silent = [b.module for b in blocks if curvature and sums.n and b.module not in sums.A]
+    if silent:
+        raise UnsupportedTrainingError(
+            f"the Kronecker blocks {silent} saw no call during the pass: their module was never run "
+            f"through its own forward (a parent applying its weights functionally, or an unused "
+            f"layer), so their curvature is unknown. Give the parent a rule (curvature/registry.py) "
+            f"or leave these parameters out of the recorded ones (Recorder(params=[...]))")
     if not math.isfinite(sums.loss):
         raise NonFiniteError("the loss is NaN/Inf on some batch of this pass: check the model and the data")
     if not torch.isfinite(sums.grad).all():
