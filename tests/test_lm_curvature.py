@@ -386,3 +386,30 @@ def test_a_block_whose_module_never_runs_is_refused():
 
     with pytest.raises(UnsupportedTrainingError, match="saw no call"):
         run_pass(Functional(), (torch.randn(5, 3), torch.randint(0, 4, (5,))), loss=F.cross_entropy)
+
+
+def test_trajectory_and_segment_spectra_with_diagonal_factors():
+    """A recorded SGD-momentum run whose head G is over the bound (and an embedding's diagonal A):
+    trajectory mode, with and without per-segment spectra, stays close to the dense-G result."""
+    X = torch.randint(0, 40, (32, 5))
+    Y = torch.roll(X, -1, 1)
+    out = {}
+    for bound in (None, 4 * 30 * 30):
+        model = EmbNet(V=40, d=6, C_=40)
+        opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.5, weight_decay=1e-3)
+        rec = mu.Recorder(model, checkpoints=4, total_steps=16, fisher="ggn", max_factor_bytes=bound).attach(opt)
+        for i in range(16):
+            b = torch.arange(32)[(i * 8) % 32:(i * 8) % 32 + 8]
+            opt.zero_grad()
+            seq_loss(model(X[b]), Y[b]).backward()
+            opt.step()
+        log = rec.finalize((X, Y), seq_loss, progress=False, segment_spectra=16)
+        assert ("kfac/out/U_G" in log) == (bound is None) and "kfac/emb/U_A" not in log
+        assert log.get("seg/0/out/s_G").shape == (40,) and log.get("seg/0/emb/s_A").shape == (40,)
+        res = mu.unlearn(model, log, indices=torch.arange(4), loss_fn=seq_loss, mode="trajectory", progress=False)
+        out[bound] = torch.cat([(p - q).detach().reshape(-1) for p, q in zip(res.model.parameters(),
+                                                                               model.parameters())])
+        assert torch.isfinite(out[bound]).all() and float(out[bound].norm()) > 0
+    rel = float((out[None] - out[4 * 30 * 30]).norm() / out[None].norm())
+    print("trajectory step, diagonal vs dense head G: rel diff", rel)
+    assert rel < 0.5, rel
