@@ -41,7 +41,8 @@ class GPTConfig:
         n_heads: attention heads (``d_model`` must divide by it).
         mlp_ratio: MLP hidden width as a multiple of ``d_model``.
         tie_weights: share the head's weight with the token embedding. Off by default: a shared
-            parameter would belong to two layers, which per-layer curvature does not model.
+            parameter belongs to two layers, so it gets no Kronecker block; its curvature is the
+            exact diagonal of both uses' summed per-sample gradients (curvature/embedding.py).
     """
 
     vocab_size: int = 256
@@ -134,10 +135,12 @@ class GPT(nn.Module):
     def forward(self, idx: Tensor) -> Tensor:
         if idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"GPT takes [B, T] integer token ids, got {tuple(idx.shape)} {idx.dtype}")
-        T = idx.shape[1]
+        B, T = idx.shape
         if T > self.config.seq_len:
             raise ValueError(f"sequence length {T} exceeds the model's seq_len {self.config.seq_len}")
-        pos = torch.arange(T, device=idx.device)
+        # [B, T] position ids (not a broadcast [T]): the position embedding's output then has a
+        # batch dimension, so per-sample curvature (K-FAC) can read each sample's gradient
+        pos = torch.arange(T, device=idx.device).expand(B, T)
         x = self.tok(idx) + self.pos(pos)
         for block in self.blocks:
             x = block(x)

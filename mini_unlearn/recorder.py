@@ -198,13 +198,17 @@ class Recorder:
             optimizer hook and ``step`` add no communication (under DDP the gradients are
             already identical on every rank). ``finalize`` is then a collective and returns this
             rank's shard of the log (docs/distributed.md).
+        max_factor_bytes: a K-FAC factor larger than this as a dense float32 matrix is kept as
+            its diagonal (default ``curvature.MAX_FACTOR_BYTES`` = 64 MiB: a language model's
+            [V, V] output factor for V > 4096; docs/math.md, "Memory bound").
     """
 
     def __init__(self, model: nn.Module, checkpoints: int = 10, compression: str = "int8",
                  curvature: str = "kfac", params: list[str] | None = None,
                  total_steps: int | None = None, grad_includes_weight_decay: bool = False,
                  fisher: str = "auto", history: str = "minimal", block: int = 256, mc_samples: int = 1,
-                 spill_dir: str | os.PathLike | None = None, group=None):
+                 spill_dir: str | os.PathLike | None = None, group=None,
+                 max_factor_bytes: int | None = None):
         if curvature not in ("kfac", "exact"):
             raise ValueError(f"curvature must be 'kfac' or 'exact', got {curvature!r}")
         if fisher not in ("auto", "ggn", "mc", "empirical"):
@@ -226,6 +230,7 @@ class Recorder:
                              f"parameters, this model has {self.layout.numel}; use 'kfac'")
         self.fisher, self.history, self.block, self.mc_samples = fisher, history, block, int(mc_samples)
         self.grad_includes_wd = grad_includes_weight_decay
+        self.max_factor_bytes = None if max_factor_bytes is None else int(max_factor_bytes)
         self.spill_dir = None if spill_dir is None else os.fspath(spill_dir)
         if self.spill_dir is not None:
             os.makedirs(self.spill_dir, exist_ok=True)
@@ -450,7 +455,7 @@ class Recorder:
             device = self._params[0].device
         lam = self._default_decay() if weight_decay is None else float(weight_decay)
         n = _batches.count(train_data)
-        blocks, diag_names = kron_blocks(model, layout)
+        blocks, diag_names = kron_blocks(model, layout, self.max_factor_bytes)
         exact = self.curvature == "exact"
         mode_kw = {"train_mode": bool(self.train_mode)}
         if self.fisher == "auto":
@@ -484,11 +489,13 @@ class Recorder:
             log.put("hessian", dense_hessian(model, layout, train_data, loss_fn, batch_size, device) / n,
                     exact=True)
         else:
-            meta["kron_blocks"] = [dict(module=b.module, weight=b.weight, bias=b.bias, d_out=b.d_out,
-                                        d_in=b.d_in) for b in blocks]
+            meta["kron_blocks"] = [b.to_meta() for b in blocks]
             meta["diag_params"] = list(diag_names)
             for b in blocks:
                 for side, m in (("A", sums.A[b.module]), ("G", sums.G[b.module])):
+                    if m.dim() == 1:  # a diagonal factor (embedding inputs, memory bound): no basis
+                        log.put(f"kfac/{b.module}/s_{side}", (m / n).clamp_min(0), exact=True)
+                        continue
                     s, U = eigh_psd(m / n)
                     log.put(f"kfac/{b.module}/U_{side}", U)
                     log.put(f"kfac/{b.module}/s_{side}", s, exact=True)
@@ -518,7 +525,7 @@ class Recorder:
         if device is None:
             device = self._params[0].device
         lam = self._default_decay() if weight_decay is None else float(weight_decay)
-        blocks, diag_names = kron_blocks(model, layout)
+        blocks, diag_names = kron_blocks(model, layout, self.max_factor_bytes)
         exact = self.curvature == "exact"
         mode_kw = {"train_mode": bool(self.train_mode)}
         if self.fisher == "auto":  # every rank probes the same sample: the same answer everywhere
@@ -562,19 +569,21 @@ class Recorder:
                                                loss_fn, batch_size, device))
             log.put("hessian", comm.sum_(H) / n, exact=True)
         else:
-            meta["kron_blocks"] = [dict(module=b.module, weight=b.weight, bias=b.bias, d_out=b.d_out,
-                                        d_in=b.d_in) for b in blocks]
+            meta["kron_blocks"] = [b.to_meta() for b in blocks]
             meta["diag_params"] = list(diag_names)
-            owners = comm.owners([float(sums.A[b.module].shape[0] ** 3 + sums.G[b.module].shape[0] ** 3)
-                                  for b in blocks])
+            owners = comm.owners([float(sum(m.shape[0] ** 3 for m in (sums.A[b.module], sums.G[b.module])
+                                            if m.dim() == 2)) for b in blocks])
             meta["kfac_owners"] = dict(zip([b.module for b in blocks], owners))
             mine = [(b, side) for b, o in zip(blocks, owners) if o == comm.rank for side in ("A", "G")]
             # the owner's eigendecompositions; a failure on any rank raises on every rank
             eig = comm.run(lambda: {(b.module, side): eigh_psd(getattr(sums, side)[b.module] / n)
-                                    for b, side in mine})
+                                    for b, side in mine if getattr(sums, side)[b.module].dim() == 2})
             for b, o in zip(blocks, owners):
                 for side in ("A", "G"):
                     m = getattr(sums, side)[b.module]
+                    if m.dim() == 1:  # a diagonal factor: the all-reduced sum is the spectrum
+                        log.put(f"kfac/{b.module}/s_{side}", (m / n).clamp_min(0), exact=True, owner=o)
+                        continue
                     s_, U = eig.get((b.module, side)) or (torch.empty(m.shape[0]), torch.empty(m.shape))
                     log.put(f"kfac/{b.module}/U_{side}", U, owner=o)
                     log.put(f"kfac/{b.module}/s_{side}", s_, exact=True, owner=o)
@@ -646,8 +655,11 @@ class Recorder:
                              train_mode=bool(self.train_mode))
             for b in blocks:
                 for side in ("A", "G"):
-                    U = log.get(f"kfac/{b.module}/U_{side}").to(sums.A[b.module].device)
                     M = getattr(sums, side)[b.module] / sums.n
+                    if M.dim() == 1:  # a diagonal factor is its own spectrum
+                        log.put(f"seg/{k}/{b.module}/s_{side}", M.clamp_min(0), exact=True)
+                        continue
+                    U = log.get(f"kfac/{b.module}/U_{side}").to(M.device)
                     log.put(f"seg/{k}/{b.module}/s_{side}", ((M @ U) * U).sum(0).clamp_min(0), exact=True)
             if diag_names:
                 log.put(f"seg/{k}/diag/nu", sums.diag / sums.n, exact=True)

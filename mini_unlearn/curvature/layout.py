@@ -58,25 +58,49 @@ class Layout:
 @dataclass
 class KronBlock:
     """A layer whose weight (and bias) are covered by K-FAC factors, seen as a [d_out, d_in (+1)]
-    matrix: nn.Linear's weight as is, nn.Conv2d's weight.view(out, in·kh·kw) (KFC)."""
+    matrix: nn.Linear's weight as is, nn.Conv2d's weight.view(out, in·kh·kw) (KFC), an
+    nn.Embedding's weight transposed (``transposed``: stored [d_in, d_out], one-hot inputs).
+
+    ``module`` is the block's key (factor sums, log entries); ``owner`` the module whose hooks
+    capture its inputs and outputs (default: ``module``; nn.MultiheadAttention owns two blocks).
+    ``a_diag`` / ``g_diag``: that factor is kept as its diagonal (a vector): exact for an
+    embedding's one-hot input side, and the memory bound for factors too large to hold densely
+    (registry.MAX_FACTOR_BYTES)."""
 
     module: str
     weight: str
     bias: str | None
     d_out: int
     d_in: int
+    owner: str | None = None
+    a_diag: bool = False
+    g_diag: bool = False
+    transposed: bool = False
 
     @property
     def cols(self) -> int:
         return self.d_in + (self.bias is not None)
 
+    @property
+    def hook_module(self) -> str:
+        return self.module if self.owner is None else self.owner
+
+    def to_meta(self) -> dict:
+        """The fields a log stores (``KronBlock(**meta)`` rebuilds the block; older logs without
+        the optional fields read as dense, untransposed, self-owned blocks)."""
+        return dict(module=self.module, weight=self.weight, bias=self.bias, d_out=self.d_out,
+                    d_in=self.d_in, owner=self.owner, a_diag=self.a_diag, g_diag=self.g_diag,
+                    transposed=self.transposed)
+
     def matrix(self, layout: Layout, vec: torch.Tensor) -> torch.Tensor:
-        w = vec[layout.slice(self.weight)].view(self.d_out, self.d_in)
+        flat = vec[layout.slice(self.weight)]
+        w = flat.view(self.d_in, self.d_out).T if self.transposed else flat.view(self.d_out, self.d_in)
         if self.bias is None:
             return w
         return torch.cat([w, vec[layout.slice(self.bias)].view(self.d_out, 1)], dim=1)
 
     def scatter(self, layout: Layout, vec: torch.Tensor, m: torch.Tensor) -> None:
-        vec[layout.slice(self.weight)] = m[:, :self.d_in].reshape(-1)
+        w = m[:, :self.d_in]
+        vec[layout.slice(self.weight)] = (w.T if self.transposed else w).reshape(-1)
         if self.bias is not None:
             vec[layout.slice(self.bias)] = m[:, self.d_in]

@@ -27,12 +27,14 @@ def _check(out: torch.Tensor, y: torch.Tensor, fisher: str) -> None:
             f"other losses")
 
 
-def _scale(p: torch.Tensor, onehot: torch.Tensor, g_out: torch.Tensor) -> torch.Tensor:
+def _scale(p: torch.Tensor, yc: torch.Tensor, valid: torch.Tensor, g_out: torch.Tensor) -> torch.Tensor:
     """s with ∂loss/∂logits ≈ s·(p − e_y) over the valid positions (least squares), as a
-    0-dim tensor on the device (no host sync in the batch loop)."""
-    r = p - onehot
-    den = (r * r).sum()
-    num = (g_out.float() * r).sum()
+    0-dim tensor on the device (no host sync in the batch loop). ``yc`` [..., 1] the clamped
+    targets, ``valid`` [..., 1] 0/1; no one-hot [..., V] tensor is built (V can be large):
+    Σ r² = Σ_valid (Σ_c p_c² − 2 p_y + 1), Σ g·r = Σ_valid (Σ_c g_c p_c − g_y)."""
+    g = g_out.float()
+    den = ((p * p).sum(-1, keepdim=True) - 2 * p.gather(-1, yc) + 1.0).mul(valid).sum()
+    num = ((g * p).sum(-1, keepdim=True) - g.gather(-1, yc)).mul(valid).sum()
     return torch.where(den > 0, num / den.clamp_min(1e-30), torch.zeros_like(den)).clamp_min(0)
 
 
@@ -71,8 +73,8 @@ def pseudo_grads(out: torch.Tensor, y, g_out: torch.Tensor, fisher: str, *, mc_s
     V = out.shape[-1]
     p = torch.softmax(out.detach().float(), dim=-1)
     valid = ((y >= 0) & (y < V)).unsqueeze(-1).float()
-    onehot = F.one_hot(y.clamp(0, V - 1).long(), V).float() * valid
-    s = _scale(p * valid, onehot, g_out)  # s = 0 (no dependence) gives zero vectors
+    yc = y.clamp(0, V - 1).long().unsqueeze(-1)
+    s = _scale(p, yc, valid, g_out)  # s = 0 (no dependence) gives zero vectors
     if fisher == "ggn":
         sp = (p * s).sqrt() * valid
         vs = []
@@ -89,8 +91,10 @@ def pseudo_grads(out: torch.Tensor, y, g_out: torch.Tensor, fisher: str, *, mc_s
     cdf = p.double().cumsum(-1)
     vs = []
     k = (s / mc_samples).sqrt()
+    w = k * valid  # [..., 1]
     for m in range(mc_samples):
         yhat = torch.searchsorted(cdf, u[m] * cdf[..., -1:]).clamp_max(V - 1)
-        v = F.one_hot(yhat.squeeze(-1), V).float() - p
-        vs.append((v * (k * valid)).to(out.dtype))
+        v = p * -w  # √(s/M)(e_ŷ − p) at valid positions, built without a one-hot [..., V] tensor
+        v.scatter_add_(-1, yhat, w)
+        vs.append(v.to(out.dtype))
     return vs

@@ -141,18 +141,28 @@ def _pass(model, layout, data, loss_fn, curvature, blocks, diag_names, fisher, b
             f"for their layer type (mini_unlearn.curvature.registry), or record in eval mode")
     blocks_rules = []
     for b in blocks:
-        r = rule_for(mods[b.module]) if b.module in mods else None
+        owner = b.hook_module
+        r = rule_for(mods[owner]) if owner in mods else None
         if r is None:
-            raise UnsupportedTrainingError(f"no Kronecker rule for module {b.module!r} "
-                                           f"({type(mods.get(b.module)).__name__})")
+            raise UnsupportedTrainingError(f"no Kronecker rule for module {owner!r} "
+                                           f"({type(mods.get(owner)).__name__})")
         blocks_rules.append((b, r))
-    hooked = [b.module for b in blocks] + [m for m in cheap if m not in {b.module for b in blocks}]
-    seen: dict[str, list] = {k: [] for k in hooked}
+    # what each hooked module records: (input, output) per call, keyed by block / module name
+    owners = list(dict.fromkeys([b.hook_module for b in blocks] + list(cheap)))
+    keys = list(dict.fromkeys([b.module for b in blocks] + list(cheap)))
+    seen: dict[str, list] = {k: [] for k in keys}
     hooks = []
+
+    def recorder(owner):
+        def record(part, xin, o):
+            key = owner if part is None else (f"{owner}.{part}" if owner else part)
+            if key in seen:
+                seen[key].append((xin, o))
+        return record
+
     if curvature:
-        for key in hooked:
-            hooks.append(mods[key].register_forward_hook(
-                lambda m, i, o, key=key: seen[key].append((i[0], o))))
+        for owner in owners:
+            hooks += rule_for(mods[owner]).capture(mods[owner], recorder(owner))
     dpos = {}
     if curvature:
         off = 0
@@ -172,8 +182,16 @@ def _pass(model, layout, data, loss_fn, curvature, blocks, diag_names, fisher, b
             out = model(x)
             bsz = x.shape[0]
             loss = loss_fn(out, y) * bsz
-            outs = [(key, j, o) for key in hooked for j, (_, o) in enumerate(seen[key])
+            outs = [(key, j, o) for key in keys for j, (_, o) in enumerate(seen[key])
                     if torch.is_tensor(o) and o.requires_grad] if curvature else []
+            for key, _, o in outs:
+                if o.dim() == 0 or o.shape[0] != bsz:
+                    raise UnsupportedTrainingError(
+                        f"the output of {key!r} has shape {tuple(o.shape)}, not [batch={bsz}, ...]: "
+                        f"its gradient mixes the samples of the batch (e.g. a layer applied to a "
+                        f"tensor shared by the batch and broadcast, or a sequence-first layout), so "
+                        f"per-sample curvature cannot be read from it. Apply the layer per sample "
+                        f"(e.g. a position embedding to [B, T] indices) or leave its parameters out")
             extra = [o for _, _, o in outs] + ([out] if curvature else [])
             grads = torch.autograd.grad(loss, params + extra, retain_graph=curvature and fisher != "empirical",
                                         allow_unused=True)
@@ -197,6 +215,13 @@ def _pass(model, layout, data, loss_fn, curvature, blocks, diag_names, fisher, b
         for v in seen.values():
             v.clear()
     sums.loss = float(loss_sum)
+    silent = [b.module for b in blocks if curvature and sums.n and b.module not in sums.A]
+    if silent:
+        raise UnsupportedTrainingError(
+            f"the Kronecker blocks {silent} saw no call during the pass: their module was never run "
+            f"through its own forward (a parent applying its weights functionally, or an unused "
+            f"layer), so their curvature is unknown. Give the parent a rule (curvature/registry.py) "
+            f"or leave these parameters out of the recorded ones (Recorder(params=[...]))")
     if not math.isfinite(sums.loss):
         raise NonFiniteError("the loss is NaN/Inf on some batch of this pass: check the model and the data")
     if not torch.isfinite(sums.grad).all():
@@ -212,12 +237,19 @@ def _pass(model, layout, data, loss_fn, curvature, blocks, diag_names, fisher, b
     return sums
 
 
+def _detached(t: torch.Tensor) -> torch.Tensor:
+    """float32 copy of a floating input; integer inputs (token ids) as they are."""
+    t = t.detach()
+    return t.float() if t.is_floating_point() else t
+
+
 def _accumulate(sums, mods, blocks_rules, cheap, dpos, seen, outs, out, vs, first, fisher) -> None:
     """Add one batch's factor sums and cheap diagonals."""
     for b, r in blocks_rules:
-        m = mods[b.module]
+        m = mods[b.hook_module]
         for xin, _ in seen[b.module]:
-            a = r.a_factor(m, xin.detach().float(), b.bias is not None)
+            x = _detached(xin)
+            a = r.a_diag_factor(m, x, b.bias is not None) if b.a_diag else r.a_factor(m, x, b.bias is not None)
             sums.A[b.module] = sums.A.get(b.module, 0) + a
     if not outs:
         return
@@ -225,34 +257,37 @@ def _accumulate(sums, mods, blocks_rules, cheap, dpos, seen, outs, out, vs, firs
         torch.autograd.grad(out, [o for _, _, o in outs], grad_outputs=v, retain_graph=True, allow_unused=True)
         for v in vs)
     index = {(key, j): i for i, (key, j, _) in enumerate(outs)}
-    prep = {(key, j): rule_for(mods[key]).prepare(mods[key], xin.detach().float(), o.detach().float())
+    prep = {(key, j): rule_for(mods[key]).prepare(mods[key], _detached(xin), o.detach().float())
             for key in cheap for j, (xin, o) in enumerate(seen[key])}  # once per batch
     for deltas in deltas_per_v:
         for b, r in blocks_rules:
-            m = mods[b.module]
+            m = mods[b.hook_module]
             for j in range(len(seen[b.module])):
                 i = index.get((b.module, j))
                 if i is None or deltas[i] is None:
                     continue
-                gf = r.g_factor(m, deltas[i].detach().float())
+                dy = deltas[i].detach().float()
+                gf = r.g_diag_factor(m, dy) if b.g_diag else r.g_factor(m, dy)
                 sums.G[b.module] = sums.G.get(b.module, 0) + gf
-        for key, names in cheap.items():
+        # per-sample gradients summed over every use of a parameter (calls, tied modules), then squared
+        tot: dict[str, torch.Tensor] = {}
+        for key, attrs in cheap.items():
             m = mods[key]
             r = rule_for(m)
-            attr = {n: n.rsplit(".", 1)[-1] for n in names}
-            tot: dict[str, torch.Tensor] = {}
+            names = list(attrs)
             for j in range(len(seen[key])):
                 i = index.get((key, j))
                 if i is None or deltas[i] is None:
                     continue
-                per = r.per_sample(m, prep[(key, j)], deltas[i].detach().float(), names, attr)
+                per = r.per_sample(m, prep[(key, j)], deltas[i].detach().float(), names, attrs)
                 for n, t in per.items():
                     tot[n] = tot[n] + t if n in tot else t
-            for n, t in tot.items():
-                sums.diag[dpos[n]] += t.pow(2).sum(0).reshape(-1)
+        for n, t in tot.items():
+            sums.diag[dpos[n]] += t.pow(2).sum(0).reshape(-1)
     for b, _ in blocks_rules:  # blocks never reached by a backward still get a (zero) G
         if b.module not in sums.G:
-            sums.G[b.module] = torch.zeros(b.d_out, b.d_out, device=sums.grad.device)
+            shape = (b.d_out,) if b.g_diag else (b.d_out, b.d_out)
+            sums.G[b.module] = torch.zeros(shape, device=sums.grad.device)
 
 
 def _diag_vmap(model: nn.Module, names: list[str], x: torch.Tensor, vs) -> torch.Tensor:

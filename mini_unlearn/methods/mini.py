@@ -73,9 +73,12 @@ def preconditioner(log, layout: Layout, fsums: PassSums, n: int, r: int, lam: fl
     parts = []
     for b in _blocks(log):
         sides = {}
-        for side in ("A", "G"):
-            U = log.get(f"kfac/{b.module}/U_{side}").to(device)
+        for side, diag in (("A", b.a_diag), ("G", b.g_diag)):
             s = log.get(f"kfac/{b.module}/s_{side}").to(device)
+            if diag:  # a diagonal factor: its retained version is diagonal too (no basis)
+                sides[side] = (((n * s - fsums.__dict__[side][b.module]) * k).clamp_min(0), None)
+                continue
+            U = log.get(f"kfac/{b.module}/U_{side}").to(device)
             full = (U * s) @ U.T
             sides[side] = eigh_psd((n * full - fsums.__dict__[side][b.module]) * k)
         (sA, UA), (sG, UG) = sides["A"], sides["G"]
@@ -110,8 +113,9 @@ def kron_pcg(log, layout: Layout, fs: PassSums, n: int, r: int, lam: float, b: t
     k = 1.0 / (n - r)
     blocks = []
     for blk in _blocks(log):
-        f = {s: (log.get(f"kfac/{blk.module}/U_{s}").to(device), log.get(f"kfac/{blk.module}/s_{s}").to(device))
-             for s in ("A", "G")}
+        f = {s: (None if d else log.get(f"kfac/{blk.module}/U_{s}").to(device),
+                 log.get(f"kfac/{blk.module}/s_{s}").to(device))
+             for s, d in (("A", blk.a_diag), ("G", blk.g_diag))}
         blocks.append((blk, f, fs.A[blk.module], fs.G[blk.module]))
     diag = log.meta.get("diag_params", [])
     if diag:
@@ -120,8 +124,17 @@ def kron_pcg(log, layout: Layout, fs: PassSums, n: int, r: int, lam: float, b: t
         nu_R = ((n * nu_full - fs.diag) * k).clamp_min(0)
 
     def side(U, s_, forget, M, left):  # (n U diag(s) Uᵀ − forget) / (n − r) applied to M
+        if U is None:  # a diagonal factor: the forget sum is a vector too
+            return k * (n * s_ - forget)[:, None] * M if left else k * M * (n * s_ - forget)[None, :]
         return k * (n * (U @ (s_[:, None] * (U.T @ M))) - forget @ M) if left else \
             k * (n * (((M @ U) * s_) @ U.T) - M @ forget)
+
+    def rot(U, M, left, back=False):  # Uᵀ M (left) / M U (right); the identity for a diagonal factor
+        if U is None:
+            return M
+        if left:
+            return (U @ M) if back else (U.T @ M)
+        return (M @ U.T) if back else (M @ U)
 
     def apply_P(v):
         out = lam * v
@@ -137,8 +150,9 @@ def kron_pcg(log, layout: Layout, fs: PassSums, n: int, r: int, lam: float, b: t
         out = v / lam
         for blk, f, _, _ in blocks:
             (UA, sA), (UG, sG) = f["A"], f["G"]
-            M = UG.T @ blk.matrix(layout, v) @ UA
-            blk.scatter(layout, out, UG @ (M / (sG[:, None] * sA[None, :] + lam)) @ UA.T)
+            M = rot(UA, rot(UG, blk.matrix(layout, v), True), False)
+            M = M / (sG[:, None] * sA[None, :] + lam)
+            blk.scatter(layout, out, rot(UA, rot(UG, M, True, back=True), False, back=True))
         if diag:
             out[idx] = v[idx] / (nu_full + lam)
         return out
@@ -574,6 +588,11 @@ class _Basis:
         self.blk = blk
         self.decay_weight = 1.0
         kron = blk.U_in is not None
+        if d_last is not None and (blk.U_in is None) != (blk.U_out is None):
+            raise UnsupportedTrainingError(
+                "a K-FAC block with a diagonal factor (an embedding's input side, or a factor over the "
+                "memory bound) under a preconditioned optimizer's trajectory is not supported; "
+                "use mode='oneshot' or an SGD/momentum recipe")
         if d_last is None or not kron:
             self.white = False
             self.s_out, self.s_in = blk.s_out, blk.s_in
@@ -634,17 +653,20 @@ def _segment_spectra(log, P: Preconditioner, device):
     segment's factor as diagonal in U)."""
     blocks = _blocks(log)
     maps = []
+
+    def move(V, side, b, diag):  # a diagonal factor keeps its coordinates: no rotation
+        return None if diag else (V.T @ log.get(f"kfac/{b.module}/U_{side}").to(device)) ** 2
+
     for b, eb in zip(blocks, P.blocks):
-        UA = log.get(f"kfac/{b.module}/U_A").to(device)
-        UG = log.get(f"kfac/{b.module}/U_G").to(device)
-        maps.append(((eb.U_out.T @ UG) ** 2, (eb.U_in.T @ UA) ** 2))
+        maps.append((move(eb.U_out, "G", b, b.g_diag), move(eb.U_in, "A", b, b.a_diag)))
 
     def get(k, i):
         if i < len(blocks):
             b = blocks[i]
             MG, MA = maps[i]
-            return (MG @ log.get(f"seg/{k}/{b.module}/s_G").to(device),
-                    MA @ log.get(f"seg/{k}/{b.module}/s_A").to(device))
+            sG = log.get(f"seg/{k}/{b.module}/s_G").to(device)
+            sA = log.get(f"seg/{k}/{b.module}/s_A").to(device)
+            return (sG if MG is None else MG @ sG, sA if MA is None else MA @ sA)
         return log.get(f"seg/{k}/diag/nu").to(device), P.blocks[i].s_in
 
     return get
