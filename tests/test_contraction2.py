@@ -14,7 +14,10 @@ from mini_unlearn import ops, reference
 from _kernel_cases import DTYPES, assert_equal, assert_within, make_x
 
 NATIVE = torch.ops.mini_unlearn
-HYP = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomize: CI runs the same examples every time (a random draw once found the edge case
+# recorded in test_long_oscillating_powering below).
+HYP = settings(max_examples=30, deadline=None, derandomize=True,
+               suppress_health_check=[HealthCheck.too_slow])
 STEPS = (0, 1, 2, 7, 100, 1000)
 MUS = (0.0, 0.9, 0.99)
 EPS32 = 2.0 ** -24
@@ -119,8 +122,12 @@ def contraction2_bound(u0, e0, x, s_out, s_in, d, kw):
     mag_e = p[2].abs() * ud.abs() + p[3].abs() * ed.abs() + v[1].abs() * xd.abs()
     m, b = reference.contraction2_system(nu, dd, **args)
     qm, vm = powering_scale(m, b, kw["steps"])
-    bu = 1e-5 * mag_u + 1e-6 * (qm[0] * ud.abs() + qm[1] * ed.abs() + vm[0] * xd.abs())
-    be = 1e-5 * mag_e + 1e-6 * (qm[2] * ud.abs() + qm[3] * ed.abs() + vm[1] * xd.abs())
+    # Binary powering doubles a power's relative rounding error at every squaring, so after L
+    # steps it is ~L unit roundoffs of the intermediates (it matters where |eig M| ~ 1 for long:
+    # heavy-ball momentum 0.99 over thousands of steps).
+    rel = max(1e-6, 2.0 * kw["steps"] * EPS32)
+    bu = 1e-5 * mag_u + rel * (qm[0] * ud.abs() + qm[1] * ed.abs() + vm[0] * xd.abs())
+    be = 1e-5 * mag_e + rel * (qm[2] * ud.abs() + qm[3] * ed.abs() + vm[1] * xd.abs())
     r = 1 + 8 * EPS32
     for nu_, over in ((nu * r, {}), (nu, {"eta": kw["eta"] * r}), (nu, {"mu": kw["mu"] * r}),
                       (nu, {"c": kw["c"] * r})):
@@ -210,6 +217,15 @@ def test_native_matches_reference(rows, cols, eta, mu, c, nesterov, lam, lam_dec
         rows, cols = rows * cols, 1
     check_native(rows, cols, eta=eta, mu=mu, c=c, nesterov=nesterov, lam=lam, lam_dec=lam_dec,
                  steps=steps, zmax=zmax, with_d=with_d, dtype=dtype, seed=seed, flat=flat)
+
+
+def test_long_oscillating_powering():
+    """The case a random draw found: heavy-ball momentum 0.99 (c = 1), eta nu' = 0.5, 2208 steps:
+    complex eigenvalues of modulus ~0.995, so the powering's fp32 error grows ~L unit roundoffs
+    before the power decays; within the bound, and far below the decayed values' scale of 1."""
+    worst = check_native(1, 17, eta=1.0, mu=0.99, c=1.0, nesterov=False, lam=0.0, lam_dec=0.0,
+                         steps=2208, zmax=0.5, with_d=False, seed=0, direct=True)
+    assert worst <= 1.0
 
 
 def test_large_parallel():

@@ -15,7 +15,8 @@ from _kernel_cases import (BITS, BLOCKS, DTYPES, LAMS, LARGE, STEPS, assert_equa
 
 DEVICE = "cuda"
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-HYP = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+HYP = settings(max_examples=30, deadline=None, derandomize=True,  # the same examples on every CI run
+               suppress_health_check=[HealthCheck.too_slow])
 ZMAX = (1e-7, 0.5, 1.0, 1.5, 1.99)
 
 

@@ -15,7 +15,8 @@ from _kernel_cases import (BITS, BLOCKS, DTYPES, LAMS, LARGE, STEPS, assert_equa
                            lengths, make_x, rows_of, seed_for)
 
 NATIVE = torch.ops.mini_unlearn
-HYP = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+HYP = settings(max_examples=30, deadline=None, derandomize=True,  # the same examples on every CI run
+               suppress_health_check=[HealthCheck.too_slow])
 
 
 def test_native_backend_loaded():

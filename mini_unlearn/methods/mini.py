@@ -324,7 +324,10 @@ def linearity(model, layout: Layout, log, w_a: torch.Tensor, w: torch.Tensor, fo
     m = float(fs.n)
     for b in _blocks(log):  # mean K-FAC of the forget set: (A_R / m) ⊗ (G_R / m)
         M = b.matrix(layout, dw)
-        pred = pred + ((fs.G[b.module] @ M @ fs.A[b.module]) * M).sum() / (m * m)
+        G, A = fs.G[b.module], fs.A[b.module]  # a factor kept diagonal (memory bound) is a vector
+        GM = G[:, None] * M if G.dim() == 1 else G @ M
+        GMA = GM * A[None, :] if A.dim() == 1 else GM @ A
+        pred = pred + (GMA * M).sum() / (m * m)
     diag = log.meta.get("diag_params", [])
     if diag:
         idx = torch.cat([torch.arange(layout.slice(p).start, layout.slice(p).stop) for p in diag]).to(device)
