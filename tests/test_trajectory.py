@@ -142,3 +142,5 @@ def test_retained_repair_at_half_the_data():
     assert plain.passes == 10 and "repair" not in plain.info
     with pytest.raises(ValueError, match="retain"):
         mu.unlearn(run.model, run.log, indices=f, loss_fn=M.loss_fn, repair_epochs=1)
+    with pytest.warns(UserWarning, match="without retain="):  # forget-only at a high ratio
+        mu.unlearn(run.model, run.log, indices=f, loss_fn=M.loss_fn)
