@@ -324,7 +324,10 @@ def linearity(model, layout: Layout, log, w_a: torch.Tensor, w: torch.Tensor, fo
     m = float(fs.n)
     for b in _blocks(log):  # mean K-FAC of the forget set: (A_R / m) ⊗ (G_R / m)
         M = b.matrix(layout, dw)
-        pred = pred + ((fs.G[b.module] @ M @ fs.A[b.module]) * M).sum() / (m * m)
+        G, A = fs.G[b.module], fs.A[b.module]  # a diagonal factor (b.g_diag / b.a_diag) is a vector
+        GM = G.view(-1, 1) * M if b.g_diag else G @ M
+        GMA = GM * A.view(1, -1) if b.a_diag else GM @ A
+        pred = pred + (GMA * M).sum() / (m * m)
     diag = log.meta.get("diag_params", [])
     if diag:
         idx = torch.cat([torch.arange(layout.slice(p).start, layout.slice(p).stop) for p in diag]).to(device)
