@@ -3,10 +3,11 @@
     PYTHONPATH=. python -m benchmarks.bench_lm [--optimizers momentum adamw] [--seeds 0] \
         [--rows-per-doc 32] [--epochs 6] [--methods mini mini+retain finetune ...] \
         [--json benchmarks/results/bench_lm.json] [--png benchmarks/results/bench_lm.png]
+    PYTHONPATH=. python -m benchmarks.bench_lm --from-json benchmarks/results/bench_lm.json  # table + plot
 
 Data: :func:`mini_unlearn.text.load_text` ("shakespeare", byte tokens, seq_len 64; one play or
 poem = one document; 4 documents held out, never trained on). To keep one training near a
-minute on 2 CPU cores, each document contributes its first ``--rows-per-doc`` sequences
+few minutes on 2 shared CPU cores, each document contributes its first ``--rows-per-doc`` sequences
 (38 training documents x 32 = 1216 sequences, 4 held-out x 32 = 128).
 
 Model: :class:`mini_unlearn.gpt.GPT`, d_model 64, 2 layers, 4 heads (137k parameters).
@@ -119,7 +120,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default="benchmarks/results/bench_lm.json")
     ap.add_argument("--png", default="benchmarks/results/bench_lm.png")
+    ap.add_argument("--from-json", default=None,
+                    help="only redraw the plot and print the table of a saved result file")
     a = ap.parse_args()
+    if a.from_json:
+        with open(a.from_json) as fh:
+            saved = json.load(fh)
+        if a.png:
+            plot(saved, a.png)
+        print(table(saved))
+        return
     torch.set_num_threads(a.threads)
     D = build_data(a.rows_per_doc)
     td = D["td"]
