@@ -135,3 +135,16 @@ def test_missing_retain_raises(mnist):
         with pytest.raises(ValueError, match="retain"):
             mu.unlearn(mnist["model"], mnist["log"], indices=mnist["f"], loss_fn=M.loss_fn,
                        method=method)
+
+
+@pytest.mark.parametrize("method", ["rl", "salun"])
+def test_random_relabelling_refuses_per_token_targets(method):
+    """RL and SalUn relabel a sample with one random class: per-token (sequence) targets are
+    refused with a typed error, not a shape crash."""
+    from mini_unlearn.methods.salun import _random_label_training
+
+    X, Y = torch.zeros(4, 3), torch.zeros(4, 5, dtype=torch.long)
+    with pytest.raises(mu.UnsupportedTrainingError, match="random class"):
+        _random_label_training(method, torch.nn.Linear(3, 3), (X, Y), (X, Y), None, "cpu", False, mask=None,
+                               num_classes=None, epochs=1, lr=0.1, momentum=0.0, weight_decay=0.0,
+                               train_batch_size=2, seed=0)

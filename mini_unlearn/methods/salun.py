@@ -22,6 +22,8 @@ point, not a tuned value (override with ``lr=``). Both run on a private copy (``
 """
 from __future__ import annotations
 
+from ..errors import UnsupportedTrainingError
+
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -83,6 +85,11 @@ def _random_label_training(name, model, forget, retain, loss_fn, device, progres
     gen = torch.Generator().manual_seed(int(seed))
     Xf, yf = forget
     Xr, yr = retain
+    if yf.dim() != 1:
+        raise UnsupportedTrainingError(
+            f"method={name!r} relabels each forgotten sample with one random class; these targets have "
+            f"shape {tuple(yf.shape)} (e.g. per-token targets of a language model), which it does not "
+            "define. Use method='mini', 'finetune', 'neggrad', 'ga' or 'scrub'")
     if num_classes is None:
         with torch.no_grad():
             num_classes = int(model(Xf[:1].to(device)).shape[1])
