@@ -15,6 +15,7 @@ from . import models as M
 from .data import train_subset, forget_split, load_dataset
 from .evaluate import avg_gap, evaluate, param_distance, peak_rss_bytes
 from .distributed import LOCAL
+from .errors import MiniUnlearnError
 from .recorder import Recorder
 from .unlearn import unlearn
 
@@ -179,7 +180,11 @@ def _unlearn_ratio(cfg: Config, ctx: dict, ratio: float) -> dict:
             results[name] = {"skipped": "DeltaGrad replays plain SGD steps (w <- w - lr g); this recipe "
                                         "has none (use --recipe sgd --optimizer sgd)"}
             continue
-        res = ref_res if name == "retrain" else unlearn(model, **common, **kwargs[name])
+        try:
+            res = ref_res if name == "retrain" else unlearn(model, **common, **kwargs[name])
+        except MiniUnlearnError as exc:  # a method that refuses a set-up is reported, not fatal
+            results[name] = {"skipped": f"refused ({type(exc).__name__}): {str(exc).split('. ')[0]}"}
+            continue
         m = evaluate(res.model, forget, retain, test, reference=reference, original=model,
                      seconds=res.seconds, peak_rss_bytes=peak_rss_bytes(), seed=seed)
         m.update(history_bytes=res.history_bytes if name.startswith("mini") or name == "deltagrad" else 0,
@@ -249,11 +254,15 @@ def aggregate(runs: list[dict]) -> dict:
         methods = {}
         for n in names:
             ms = [r["methods"][n] for r in rs if n in r["methods"] and "skipped" not in r["methods"][n]]
-            methods[n] = agg_dicts(ms) if ms else {"skipped": rs[0]["methods"][n].get("skipped", "")}
+            skips = [r["methods"][n]["skipped"] for r in rs if "skipped" in r["methods"].get(n, {})]
+            methods[n] = agg_dicts(ms) if ms else {"skipped": skips[0] if skips else ""}
+            if ms and skips:  # refused on some seeds: aggregated over the others, and said so
+                methods[n]["refused_runs"] = len(skips)
+                methods[n]["refused"] = skips[0]
         floor = agg_dicts([{k: v for k, v in r["retrain_noise_floor"].items() if k != "metrics"}
                            for r in rs])
         ranked = sorted((m["avg_gap"]["mean"], n) for n, m in methods.items()
-                        if n != "retrain" and "avg_gap" in m)
+                        if n != "retrain" and "avg_gap" in m and not m.get("refused_runs"))
         best = None
         if ranked:
             b = ranked[0][1]
@@ -419,7 +428,10 @@ def format_markdown(sweep: dict) -> str:
         best = (agg.get("best") or {}).get("method")
         for name, m in [("original (no unlearning)", agg["original"])] + list(agg["methods"].items()):
             if "skipped" in m:
+                out.append(f"| {name} | {m['skipped'][:120]} |" + " |" * (len(cols) - 1))
                 continue
+            if m.get("refused_runs"):
+                name = f"{name} (refused in {m['refused_runs']} of {len(agg['seeds'])} runs, mean of the rest)"
             cells = []
             for k, _, sc, fmt in cols:
                 c = _pm(m.get(k), sc, fmt).replace("±", " ± ")

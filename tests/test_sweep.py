@@ -121,3 +121,19 @@ def test_bad_sweep_arguments_exit_2(args, msg, capsys, tmp_path):
 def test_bad_audit_arguments_exit_2(args, msg, capsys):
     err = _bad(["audit", "--data", "digits"] + args, capsys)
     assert re.search(msg, err), err
+
+
+def test_a_refusing_method_is_reported_not_fatal(tmp_path):
+    """Mini-Unlearning refuses an AdamW log (UnsupportedTrainingError); the sweep records the
+    refusal for that method, keeps the others, leaves it out of the ranking and prints it."""
+    rc = main(["run", "--data", "digits", "--model", "mlp", "--optimizer", "adamw", "--epochs", "2",
+               "--methods", "mini,retrain,finetune", "--seeds", "0", "--forget-ratio", "0.1,0.3",
+               "--json", str(tmp_path / "a.json"), "--markdown", str(tmp_path / "a.md")])
+    assert rc == 0
+    res = json.loads((tmp_path / "a.json").read_text())
+    mini = res["runs"][0]["methods"]["mini"]
+    assert mini["skipped"].startswith("refused (UnsupportedTrainingError)")
+    assert "avg_gap" in res["runs"][0]["methods"]["finetune"]
+    agg = res["aggregates"]["0.1"]
+    assert "skipped" in agg["methods"]["mini"] and agg["best"]["method"] == "finetune"
+    assert "| mini | refused (UnsupportedTrainingError)" in (tmp_path / "a.md").read_text()
