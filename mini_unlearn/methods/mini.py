@@ -31,6 +31,13 @@ REPAIR_EPOCHS = 2
 LINEARITY_LIMIT = 15.0
 HIGH_RATIO = 0.25  # forget-only trajectories above this share warn: pass retain= (measured, README)
 LINEARITY_MIN_KL = 0.05  # nats per sample (per output position for sequences)
+# ...and whatever the ratio, a mean KL above this is refused: same-recipe retraining moved the
+# forget set's predictions by at most 0.03 nats in every measured case, results close to
+# retraining by at most 0.09; a pre-activation ResNet's trajectory moved them 1.6-2.2 nats
+# (test accuracy 12-20 %, ratio 8 at 50 %: the quadratic model itself predicted a large step).
+# Classifiers only (one prediction per sample): a language model's per-token KL on a forgotten,
+# memorised document is larger under retraining itself (a tiny GPT: ~1 nat).
+LINEARITY_MAX_KL = 0.5
 CONVERGED_RESIDUAL = 1e-3  # ‖∇F(w_a)‖ ≤ this · ‖g_a‖: training ran to convergence
 
 
@@ -206,8 +213,8 @@ def run(model, log, forget, loss_fn, *, mode: str, retain, r: int, max_passes: i
 
     Linearity check (trajectory): one forward-only pass over the forget set at w_a and w_u
     compares the mean KL of their predictions with ½ Δwᵀ F_R Δw from the forget set's K-FAC; a
-    ratio above ``linearity_limit`` with a KL above ``LINEARITY_MIN_KL`` raises
-    :class:`LinearisationError` (``None`` skips the check). Reported in
+    ratio above ``linearity_limit`` with a KL above ``LINEARITY_MIN_KL``, or a KL above
+    ``LINEARITY_MAX_KL`` (classifiers), raises :class:`LinearisationError` (``None`` skips the check). Reported in
     ``info["stability"]["linearity"]``."""
     if unstable not in ("raise", "clip"):
         raise ValueError(f"unstable must be 'raise' or 'clip', got {unstable!r}")
@@ -257,12 +264,14 @@ def run(model, log, forget, loss_fn, *, mode: str, retain, r: int, max_passes: i
         _check_finite(w, "trajectory")
         lin = linearity(model, layout, log, w_a, w, forget, batch_size, device, fs)
         stability["linearity"] = lin
-        if linearity_limit is not None and lin["ratio"] > linearity_limit and lin["actual"] > LINEARITY_MIN_KL:
+        if linearity_limit is not None and ((lin["ratio"] > linearity_limit and lin["actual"] > LINEARITY_MIN_KL)
+                                            or (lin["actual"] > LINEARITY_MAX_KL and not lin["per_position"])):
             raise LinearisationError(
                 f"the trajectory's result moves the forget set's predictions {lin['ratio']:.1f}x more (mean "
                 f"KL {lin['actual']:.3g}) than the log's curvature predicts for its step ({lin['predicted']:.3g}); "
-                f"above {linearity_limit:g}x (and {LINEARITY_MIN_KL:g} nats) the linearised retraining is measured "
-                "not to hold (a BatchNorm CNN at 30-50 % lost 7-25 test points). The model was not changed. Forget fewer samples per "
+                f"above {linearity_limit:g}x (and {LINEARITY_MIN_KL:g} nats), or above {LINEARITY_MAX_KL:g} nats at "
+                "any ratio, the linearised retraining is measured not to hold (a BatchNorm CNN at 30-50 % lost "
+                "7-25 test points; a ResNet fell to 12-20 % test accuracy). The model was not changed. Forget fewer samples per "
                 "call, or use method='retrain'; linearity_limit=None skips this check")
         layout.set(model, w)
         out = dict(mode="trajectory", passes=len(segments), grad_evals=r * len(segments),
@@ -342,7 +351,7 @@ def linearity(model, layout: Layout, log, w_a: torch.Tensor, w: torch.Tensor, fo
         idx = torch.cat([torch.arange(layout.slice(p).start, layout.slice(p).stop) for p in diag]).to(device)
         pred = pred + (fs.diag.to(device) / m * dw[idx] ** 2).sum()
     kl = torch.zeros((), device=device, dtype=torch.float64)
-    count = 0
+    count, sequence = 0, False
     train = bool(log.meta.get("train_mode", False))
     with torch.no_grad(), pass_mode(model, train):
         for x, _ in _batches.batches(forget, batch_size, device):
@@ -352,9 +361,11 @@ def linearity(model, layout: Layout, log, w_a: torch.Tensor, w: torch.Tensor, fo
             lw = torch.log_softmax(model(x).float(), -1)
             kl += (la.exp() * (la - lw)).sum(-1).double().sum()
             count += la[..., 0].numel()
+            sequence = la.dim() > 2
     layout.set(model, w)
     predicted, actual = 0.5 * float(pred), float(kl) / max(count, 1)
-    return {"predicted": predicted, "actual": actual, "ratio": actual / max(predicted, 1e-12)}
+    return {"predicted": predicted, "actual": actual, "ratio": actual / max(predicted, 1e-12),
+            "per_position": bool(sequence)}
 
 
 def _repair(model, log, layout: Layout, retain, loss_fn, epochs: int, batch_size: int | None, lam: float,
