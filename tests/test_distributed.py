@@ -1,13 +1,6 @@
 """Communicator on 2 gloo processes (127.0.0.1, 1 thread each), each run bounded by a watchdog."""
-import os
-import socket
-import subprocess
-import sys
+from conftest import run_ranks
 
-import pytest
-import torch
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 90
 
 _WORKER = r'''
@@ -63,30 +56,10 @@ dist.destroy_process_group()
 '''
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_single_process_has_no_communicator():
     from mini_unlearn.distributed import communicator
     assert communicator() is None
 
 
 def test_communicator_two_gloo_ranks():
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS="1")
-    port = str(_free_port())
-    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(r), "2", port], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=env) for r in range(2)]
-    try:
-        for r, p in enumerate(procs):
-            out, err = p.communicate(timeout=TIMEOUT)
-            assert p.returncode == 0, f"rank {r}:\n{err[-3000:]}"
-            assert f"ok {r}" in out
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait(timeout=10)
+    run_ranks(_WORKER, 2, timeout=TIMEOUT)

@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO, free_port, run_ranks
+
 TIMEOUT = 120
 MODES = ("oneshot", "trajectory", "refresh")
 
@@ -149,29 +149,8 @@ print("ok", rank, flush=True)
 '''
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(world: int, out: str, *extra: str) -> None:
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS="1")
-    port = str(_free_port())
-    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(r), str(world), port, out, *extra],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for r in range(world)]
-    try:
-        for r, p in enumerate(procs):
-            o, e = p.communicate(timeout=TIMEOUT)
-            assert p.returncode == 0, f"world {world} rank {r}:\n{e[-4000:]}"
-            assert f"ok {r}" in o
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait(timeout=10)
+    run_ranks(_WORKER, world, out, *extra, timeout=TIMEOUT)
 
 
 @pytest.fixture(scope="module")
@@ -259,7 +238,7 @@ def _torchrun(args: list[str], cwd: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-           "127.0.0.1", "--master_port", str(_free_port()), "-m", "mini_unlearn", "run", *args]
+           "127.0.0.1", "--master_port", str(free_port()), "-m", "mini_unlearn", "run", *args]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT)
 
 

@@ -134,6 +134,32 @@ def step_loop(model: nn.Module, opt: torch.optim.Optimizer, items: Iterable,
     return evals
 
 
+def train_epochs(model: nn.Module, opt: torch.optim.Optimizer, epoch_items: Callable[[], Iterable],
+                 loss_of: Callable[[object], tuple[torch.Tensor, int]], epochs: int, steps_per_epoch: int, *,
+                 desc: str, progress: bool, what: str, train: bool = True) -> int:
+    """``epochs`` passes of :func:`step_loop` over ``epoch_items()`` (a fresh iterable per epoch)
+    with the model in train mode (``train``), a tqdm bar of ``steps_per_epoch`` per epoch, and the
+    model's mode restored afterwards, also on error. Returns the sample gradients computed."""
+    from tqdm.auto import tqdm
+
+    was = model.training
+    model.train(train)
+    bar = tqdm(total=epochs * steps_per_epoch, desc=desc, disable=not progress, leave=False)
+
+    def counted(item):
+        bar.update(1)
+        return loss_of(item)
+
+    evals = 0
+    try:
+        for _ in range(epochs):
+            evals += step_loop(model, opt, epoch_items(), counted, what=what)
+    finally:
+        bar.close()
+        model.train(was)
+    return evals
+
+
 def mean_loss(model: nn.Module, data, loss_fn, batch_size: int, device) -> float:
     """Sample-weighted mean of ``loss_fn`` over ``data``, without gradient, in eval mode (the
     model's train/eval flag is restored)."""

@@ -12,7 +12,6 @@ All are run through ``mini_unlearn.unlearn(method=NAME, ...)`` on a private copy
 from __future__ import annotations
 
 import torch
-from tqdm.auto import tqdm
 
 from . import _train_utils as U
 
@@ -137,23 +136,13 @@ def finetune(model, log, forget, loss_fn, *, mode, retain, r, max_passes, tol, b
     bs = U.train_batch_size(train_batch_size, recipe)
     loader = U.Shuffled(retain, bs, device, torch.Generator().manual_seed(int(seed)))
     opt = torch.optim.SGD(U.params(model), lr=lr, momentum=0.0, weight_decay=lam)
-    was = model.training
-    model.train()
-    bar = tqdm(total=epochs * len(loader), desc="mini_unlearn: finetune steps", disable=not progress,
-               leave=False)
 
     def loss_of(item):
         xb, yb = item
-        bar.update(1)
         return loss_fn(model(xb), yb), xb.shape[0]
 
-    evals = 0
-    try:
-        for _ in range(epochs):
-            evals += U.step_loop(model, opt, loader, loss_of, what="finetune")
-    finally:
-        bar.close()
-        model.train(was)
+    evals = U.train_epochs(model, opt, lambda: loader, loss_of, epochs, len(loader),
+                           desc="mini_unlearn: finetune steps", progress=progress, what="finetune")
     return dict(mode=None, passes=epochs, grad_evals=evals, certificate=None, verified=False,
                 epochs=epochs, lr=lr, weight_decay=lam, train_batch_size=bs, retained=n_ret)
 
@@ -179,24 +168,14 @@ def neggrad(model, log, forget, loss_fn, *, mode, retain, r, max_passes, tol, ba
     r_loader = U.Shuffled(retain, bs, device, gen)
     f_cycle = U.cycle(U.Shuffled(forget, bs, device, gen))
     opt = torch.optim.SGD(U.params(model), lr=lr, momentum=0.0, weight_decay=lam)
-    was = model.training
-    model.train()
-    bar = tqdm(total=epochs * len(r_loader), desc="mini_unlearn: NegGrad+ steps",
-               disable=not progress, leave=False)
 
     def loss_of(item):
         (xr, yr), (xf, yf) = item
-        bar.update(1)
         loss = beta * loss_fn(model(xr), yr) - (1.0 - beta) * loss_fn(model(xf), yf)
         return loss, xr.shape[0] + xf.shape[0]
 
-    evals = 0
-    try:
-        for _ in range(epochs):
-            evals += U.step_loop(model, opt, U.paired(r_loader, f_cycle), loss_of, what="NegGrad+")
-    finally:
-        bar.close()
-        model.train(was)
+    evals = U.train_epochs(model, opt, lambda: U.paired(r_loader, f_cycle), loss_of, epochs, len(r_loader),
+                           desc="mini_unlearn: NegGrad+ steps", progress=progress, what="NegGrad+")
     return dict(mode=None, passes=epochs, grad_evals=evals, certificate=None, verified=False,
                 epochs=epochs, lr=lr, beta=beta, weight_decay=lam, train_batch_size=bs,
                 retained=n_ret)

@@ -12,7 +12,6 @@ never on the evaluation data); override with ``lr=``. Runs on a private copy (``
 from __future__ import annotations
 
 import torch
-from tqdm.auto import tqdm
 
 from . import _train_utils as U
 
@@ -35,23 +34,13 @@ def run(model, log, forget, loss_fn, *, mode, retain, r, max_passes, tol, batch_
     loader = U.Shuffled(forget, bs, device, torch.Generator().manual_seed(int(seed)))
     opt = torch.optim.SGD(U.params(model), lr=lr, momentum=float(momentum),
                           weight_decay=float(weight_decay))
-    was = model.training
-    model.train()
-    bar = tqdm(total=epochs * len(loader), desc="mini_unlearn: GA steps", disable=not progress,
-               leave=False)
 
     def loss_of(item):
         xb, yb = item
-        bar.update(1)
         return -loss_fn(model(xb), yb), xb.shape[0]
 
-    evals = 0
-    try:
-        for _ in range(epochs):
-            evals += U.step_loop(model, opt, loader, loss_of, what="GA")
-    finally:
-        bar.close()
-        model.train(was)
+    evals = U.train_epochs(model, opt, lambda: loader, loss_of, epochs, len(loader),
+                           desc="mini_unlearn: GA steps", progress=progress, what="GA")
     return dict(mode=None, passes=epochs, grad_evals=evals, certificate=None, verified=False,
                 epochs=epochs, lr=lr, momentum=float(momentum), weight_decay=float(weight_decay),
                 train_batch_size=bs)

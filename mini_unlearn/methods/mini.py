@@ -401,23 +401,16 @@ def _repair(model, log, layout: Layout, retain, loss_fn, epochs: int, batch_size
     bs = int(batch_size or meta.get("batch_size") or U.DEFAULT_BATCH_SIZE)
     loader = U.Shuffled(retain, bs, device, torch.Generator().manual_seed(int(seed)))
     opt = torch.optim.SGD(groups)
-    was = model.training
-    model.train(bool(meta.get("train_mode", True)))
-    bar = tqdm(total=epochs * len(loader), desc="mini_unlearn: retained repair steps", disable=not progress,
-               leave=False)
 
     def loss_of(item):
         xb, yb = item
-        bar.update(1)
         return loss_fn(model(xb), yb), xb.shape[0]
 
-    evals = 0
     try:
-        for _ in range(epochs):
-            evals += U.step_loop(model, opt, loader, loss_of, what="the retained repair")
+        evals = U.train_epochs(model, opt, lambda: loader, loss_of, epochs, len(loader),
+                               desc="mini_unlearn: retained repair steps", progress=progress,
+                               what="the retained repair", train=bool(meta.get("train_mode", True)))
     finally:
-        bar.close()
-        model.train(was)
         for nm, flag in frozen.items():
             params[nm].requires_grad_(flag)
     return dict(epochs=epochs, batch_size=bs, lr=[g["lr"] for g in groups], grad_evals=evals)

@@ -26,7 +26,6 @@ from ..errors import UnsupportedTrainingError
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .. import _batches
 from . import _train_utils as U
@@ -98,14 +97,9 @@ def _random_label_training(name, model, forget, retain, loss_fn, device, progres
     loader = U.Shuffled(data, bs, device, gen)
     params = U.params(model)
     opt = torch.optim.SGD(params, lr=lr, momentum=float(momentum), weight_decay=float(weight_decay))
-    was = model.training
-    model.train()
-    bar = tqdm(total=epochs * len(loader), desc=f"mini_unlearn: {name} steps", disable=not progress,
-               leave=False)
 
     def loss_of(item):
         xb, yb = item
-        bar.update(1)
         return loss_fn(model(xb), yb), xb.shape[0]
 
     # Non-salient gradients are zeroed as they are computed (before weight decay and momentum,
@@ -113,15 +107,12 @@ def _random_label_training(name, model, forget, retain, loss_fn, device, progres
     hooks = []
     if mask is not None:
         hooks = [p.register_hook(lambda g, m=m: g * m.to(g.dtype)) for p, m in zip(params, mask)]
-    evals = 0
     try:
-        for _ in range(epochs):
-            evals += U.step_loop(model, opt, loader, loss_of, what=name)
+        evals = U.train_epochs(model, opt, lambda: loader, loss_of, epochs, len(loader),
+                               desc=f"mini_unlearn: {name} steps", progress=progress, what=name)
     finally:
         for h in hooks:
             h.remove()
-        bar.close()
-        model.train(was)
     return dict(mode=None, passes=epochs, grad_evals=evals, certificate=None, verified=False,
                 epochs=epochs, lr=lr, momentum=float(momentum), weight_decay=float(weight_decay),
                 train_batch_size=bs, retained=int(Xr.shape[0]))
