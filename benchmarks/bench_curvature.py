@@ -5,9 +5,10 @@ against one training epoch of the same model (docs/math.md; target: ≤ 2× an e
 
 Model: conv16-BN-ReLU-conv32-BN-ReLU-maxpool4-Linear on 28×28 MNIST-5k images (train mode,
 batch statistics). The epoch is SGD with momentum at batch 64; the pass runs at finalize's
-batch size (512) with each output-side estimator: the exact per-class GGN (one backward per
-class), the Monte-Carlo Fisher (one backward per draw) and the empirical Fisher (no extra
-backward). Each figure is the process CPU time (``--threads 1``: immune to other load on a shared
+batch size for such a model (training's, 64: ``curvature.pass_batch_size``) with each
+output-side estimator: the Monte-Carlo Fisher (one backward per draw; what ``fisher="auto"``
+picks for convolutional nets), the empirical Fisher (no extra backward) and the exact per-class
+GGN (one backward per class). Each figure is the process CPU time (``--threads 1``: immune to other load on a shared
 machine), the best of ``--repeats`` runs. Also reports the anchor-only pass
 (gradient and loss, no curvature), the factor eigendecompositions finalize adds, the MC
 Fisher's deviation from the exact GGN, and the deviation of KFC's A on a sub-grid of positions
@@ -49,7 +50,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--mc-samples", type=int, default=1)
-    ap.add_argument("--pass-batch", type=int, default=512, help="the pass's batch size (finalize's batch_size)")
+    ap.add_argument("--pass-batch", type=int, default=64, help="the pass's batch size (finalize's batch_size)")
     ap.add_argument("--fishers", default="mc,empirical,ggn")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)

@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import _batches
-from .curvature import Layout, data_pass, dense_hessian, eigh_psd, kron_blocks
+from .curvature import Layout, auto_fisher, data_pass, dense_hessian, eigh_psd, kron_blocks, pass_batch_size
 from .errors import UnsupportedTrainingError
 from .log import GradientLog
 from .ops import Compressed, compress, decompress
@@ -186,7 +186,8 @@ class Recorder:
             per class), "mc" (Monte-Carlo Fisher: ``mc_samples`` labels drawn from the model's
             own softmax, one backward each; for many classes and for the ≤ 2× epoch budget of
             convolutional nets), "empirical" (any loss), or "auto" (default: "ggn" up to 64
-            classes, "mc" above).
+            classes on models without convolutions, "mc" otherwise;
+            :func:`mini_unlearn.curvature.auto_fisher`).
         mc_samples: draws per sample for fisher="mc".
         history: "minimal" (Mini-Unlearning) or "all" (every iterate, gradient and batch, for
             DeltaGrad; pass ``indices=`` to ``step``).
@@ -421,7 +422,7 @@ class Recorder:
         self._all_lr.append(float(lr))
 
     # ---- after training ----
-    def finalize(self, train_data, loss_fn, weight_decay: float | None = None, *, batch_size: int = 512,
+    def finalize(self, train_data, loss_fn, weight_decay: float | None = None, *, batch_size: int | None = None,
                  progress: bool = True, device=None, exact_checkpoint_grads: bool = False,
                  segment_spectra: int = 0, data_is_sharded: bool | None = None) -> GradientLog:
         """Anchor + curvature pass over ``train_data`` (X, y tensors, Dataset or DataLoader);
@@ -432,7 +433,10 @@ class Recorder:
         optimizer's coupled weight decay when all its groups share one, else 0.
         ``device``: where the passes run (default: the model's device).
         The passes see the model in the mode training computed its gradients in (train mode:
-        batch statistics), without changing its buffers.
+        batch statistics), without changing its buffers. ``batch_size`` (default
+        :func:`~mini_unlearn.curvature.pass_batch_size`): training's own batch size when
+        BatchNorm/InstanceNorm layers use batch statistics (so the pass normalises as training
+        did; also the cache-friendly size for convolutions), else 512.
 
         ``exact_checkpoint_grads=True`` replaces each segment's mean minibatch gradient by the
         full-data gradient at the segment's mean weights (K extra passes over the data): a
@@ -447,6 +451,7 @@ class Recorder:
         whole data set on every rank (each takes ``rank::world``); True: it is already this
         rank's part; None (default): True for a DataLoader with a DistributedSampler
         (:func:`mini_unlearn.distributed.local_share`). The two study options are single-process."""
+        batch_size = pass_batch_size(self.model, self.train_mode, self._batch_max, batch_size)
         if self.comm is not None:
             return self._finalize_dist(train_data, loss_fn, weight_decay, batch_size, progress, device,
                                        exact_checkpoint_grads, segment_spectra, data_is_sharded)
@@ -459,7 +464,7 @@ class Recorder:
         exact = self.curvature == "exact"
         mode_kw = {"train_mode": bool(self.train_mode)}
         if self.fisher == "auto":
-            self.fisher = "ggn" if _num_outputs(model, train_data, device) <= 64 else "mc"
+            self.fisher = auto_fisher(model, _num_outputs(model, train_data, device))
         if self.fisher == "mc":
             mode_kw.update(mc_samples=self.mc_samples, seed=0)
         bar = tqdm(total=n, desc="mini_unlearn: anchor + curvature pass", disable=not progress, leave=False)
@@ -481,6 +486,7 @@ class Recorder:
         self._fwd_hook.remove()
         if self._batch_max:
             meta["batch_size"] = self._batch_max  # the recipe's (a last partial batch is smaller)
+        meta["pass_batch_size"] = batch_size
         if self._optim is not None:
             opt, adapter, group_of, _ = self._optim
             meta["optimizer"] = {"name": type(opt).__name__, "preconditioned": adapter.preconditioned,
@@ -530,7 +536,7 @@ class Recorder:
         mode_kw = {"train_mode": bool(self.train_mode)}
         if self.fisher == "auto":  # every rank probes the same sample: the same answer everywhere
             probe = local_share(comm, train_data, data_is_sharded) if data_is_sharded else train_data
-            self.fisher = "ggn" if _num_outputs(model, probe, device) <= 64 else "mc"
+            self.fisher = auto_fisher(model, _num_outputs(model, probe, device))
         if self.fisher == "mc":
             mode_kw.update(mc_samples=self.mc_samples, seed=0)
         show = progress and comm.rank == 0

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from . import _batches
+from .curvature import pass_batch_size
 from .errors import ForgetSetError, LogMismatchError, NonFiniteError
 from .methods import METHODS
 
@@ -92,7 +93,7 @@ def _check_forget(forget, work: nn.Module, n: int) -> int:
 
 def unlearn(model: nn.Module, log, forget=None, *, loss_fn, method: str = "mini", mode: str = "auto",
             retain=None, indices=None, train_data=None, max_passes: int = 8, tol: float = 1e-6,
-            in_place: bool = False, batch_size: int = 512, progress: bool = False,
+            in_place: bool = False, batch_size: int | None = None, progress: bool = False,
             recalibrate: bool = True, group=None, **method_kwargs) -> UnlearnResult:
     """Remove the influence of ``forget`` from ``model`` using the recorded ``log``.
 
@@ -111,6 +112,8 @@ def unlearn(model: nn.Module, log, forget=None, *, loss_fn, method: str = "mini"
         max_passes: refresh's budget of retained passes; tol: its stopping rule ‖∇F_R‖ ≤ tol·‖g0‖.
         in_place: write the result into ``model`` (parameters and buffers); otherwise ``model``
             is never modified (and never on failure: every check runs before anything is written).
+        batch_size: the data passes' batch size (default: the log's ``pass_batch_size``, i.e.
+            training's batch size for models with batch-statistics normalisation, else 512).
         recalibrate: models with BatchNorm running statistics: recompute them on ``retain`` with a
             forward-only pass when it is given; otherwise the original's statistics are kept
             (``result.info["norm_stats"]`` says which).
@@ -177,6 +180,9 @@ def _compute(model, log, forget, loss_fn, method, mode, retain, indices, train_d
                                                       else getattr(log, "train_data", None), n)
     if forget is None:
         raise ForgetSetError("nothing to forget: pass forget=(X, y) or indices=")
+    if batch_size is None:
+        batch_size = int(log.meta.get("pass_batch_size") or pass_batch_size(
+            model, log.meta.get("train_mode"), log.meta.get("batch_size")))
     work = copy.deepcopy(model)
     for p in work.parameters():
         p.grad = None

@@ -27,7 +27,7 @@ from .registry import LayerRule, _local, _with_bias, refuse, register
 @register
 class Conv2dRule(LayerRule):
     types = (nn.Conv2d,)
-    max_positions: int | None = 256  # output positions per sample used for A (None: all)
+    max_positions: int | None = 64  # output positions per sample used for A (None: all)
 
     def kron(self, name: str, module: nn.Conv2d, layout: Layout) -> KronBlock | None:
         w, b = _local(name, "weight"), _local(name, "bias")

@@ -15,6 +15,16 @@ import torch.nn.functional as F
 from ..errors import UnsupportedTrainingError
 
 FISHERS = ("ggn", "mc", "empirical")
+GGN_MAX_CLASSES = 64  # fisher="auto": the exact GGN up to this many outputs (one backward each) ...
+
+
+def auto_fisher(model: torch.nn.Module, num_outputs: int) -> str:
+    """What ``fisher="auto"`` picks: the exact per-class GGN for up to ``GGN_MAX_CLASSES``
+    outputs on models without convolutions, else the one-draw Monte-Carlo Fisher. The GGN costs
+    one backward per class; through convolutions that is 7-10x a training epoch for 10 classes
+    (benchmarks/bench_curvature.py), against the <= 2x budget the MC Fisher keeps."""
+    conv = any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in model.modules())
+    return "ggn" if num_outputs <= GGN_MAX_CLASSES and not conv else "mc"
 
 
 def _check(out: torch.Tensor, y: torch.Tensor, fisher: str) -> None:

@@ -107,6 +107,26 @@ def recalibrate_norm_stats(model: nn.Module, data, batch_size: int = 512, device
     return len(bns)
 
 
+PASS_BATCH_SIZE = 512  # data passes over models without batch-statistics layers
+
+
+def pass_batch_size(model: nn.Module, train_mode: bool | None, recorded: int | None,
+                    batch_size: int | None = None) -> int:
+    """The batch size of a data pass: ``batch_size`` when given; else, for a model whose
+    BatchNorm/InstanceNorm layers were trained in train mode (batch statistics), the training
+    batch size the Recorder saw (``recorded``), so that every pass normalises over batches of
+    the size training's gradients were computed on; else ``PASS_BATCH_SIZE``."""
+    if batch_size is not None:
+        bs = int(batch_size)
+    elif train_mode and recorded and norm_train_mode(model) is not None:
+        bs = int(recorded)
+    else:
+        bs = PASS_BATCH_SIZE
+    if bs < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return bs
+
+
 def data_pass(model: nn.Module, layout: Layout, data, loss_fn, *, curvature: bool = False,
               blocks: list[KronBlock] = (), diag_names: list[str] = (), fisher: str = "ggn",
               batch_size: int = 512, device=None, progress=None, train_mode: bool | None = None,
@@ -250,7 +270,7 @@ def _accumulate(sums, mods, blocks_rules, cheap, dpos, seen, outs, out, vs, firs
         for xin, _ in seen[b.module]:
             x = _detached(xin)
             a = r.a_diag_factor(m, x, b.bias is not None) if b.a_diag else r.a_factor(m, x, b.bias is not None)
-            sums.A[b.module] = sums.A.get(b.module, 0) + a
+            _add_into(sums.A, b.module, a)
     if not outs:
         return
     deltas_per_v = [first] if fisher == "empirical" else (
@@ -268,7 +288,7 @@ def _accumulate(sums, mods, blocks_rules, cheap, dpos, seen, outs, out, vs, firs
                     continue
                 dy = deltas[i].detach().float()
                 gf = r.g_diag_factor(m, dy) if b.g_diag else r.g_factor(m, dy)
-                sums.G[b.module] = sums.G.get(b.module, 0) + gf
+                _add_into(sums.G, b.module, gf)
         # per-sample gradients summed over every use of a parameter (calls, tied modules), then squared
         tot: dict[str, torch.Tensor] = {}
         for key, attrs in cheap.items():
@@ -288,6 +308,15 @@ def _accumulate(sums, mods, blocks_rules, cheap, dpos, seen, outs, out, vs, firs
         if b.module not in sums.G:
             shape = (b.d_out,) if b.g_diag else (b.d_out, b.d_out)
             sums.G[b.module] = torch.zeros(shape, device=sums.grad.device)
+
+
+def _add_into(acc: dict, key: str, t: torch.Tensor) -> None:
+    """acc[key] += t in place (the first batch's own tensor becomes the sum: no new factor-sized
+    allocation per batch)."""
+    if key in acc:
+        acc[key].add_(t)
+    else:
+        acc[key] = t.clone() if t._base is not None else t
 
 
 def _diag_vmap(model: nn.Module, names: list[str], x: torch.Tensor, vs) -> torch.Tensor:
