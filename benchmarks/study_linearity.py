@@ -9,6 +9,10 @@ BatchNorm CNN also: the running statistics of the unlearned model, (a) kept from
 (the default without ``retain=``), (b) "composed": the original's minus the forget set's share,
 (n·stats − r·forget stats at w_a)/(n − r), (c) recalibrated on the retained data (the default
 with ``retain=``), as relative error of running mean/var against (c) and test accuracy.
+``ggn_quadratic``: the exact GGN quadratic model ½ Δwᵀ F Δw of each step (mini's, retraining's)
+on the forget set, by forward-mode Jacobian products: where it matches the actual KL while the
+K-FAC prediction is far below, the step is still in the quadratic regime and it is K-FAC that
+understates the curvature along it.
 
     python benchmarks/study_linearity.py [--models mlp,cnn,resnet] [--json benchmarks/results/study_linearity.json]
 
@@ -58,6 +62,29 @@ def _rel(st, ref, i: int) -> float:
     return sum(float((a[i] - b[i]).norm()) for a, b in zip(st, ref)) / sum(float(b[i].norm()) for b in ref)
 
 
+def ggn_quadratic(model, layout, w0, dw, X, train_mode: bool, batch_size: int = 64) -> float:
+    """½ · mean over the samples of (J Δw)ᵀ H_out (J Δw) at w0: the exact GGN (= second-order KL)
+    quadratic model of the step Δw, by forward-mode products (torch.func.jvp), normalisation
+    layers in training's mode, in batches of ``batch_size``."""
+    from torch.func import functional_call, jvp
+
+    from mini_unlearn.curvature import pass_mode
+
+    m = copy.deepcopy(model)
+    layout.set(m, w0)
+    params = {k: v.detach() for k, v in m.named_parameters()}
+    tangents = {k: dw[layout.slice(k)].view_as(params[k]) for k in layout.names}
+    total = 0.0
+    with pass_mode(m, train_mode):
+        for s in range(0, len(X), batch_size):
+            x = X[s:s + batch_size]
+            out, jv = jvp(lambda p: functional_call(m, {**params, **p}, (x,)),
+                          ({k: params[k] for k in layout.names},), (tangents,))
+            p = torch.softmax(out, -1)
+            total += 0.5 * float(((p * jv ** 2).sum(-1) - (p * jv).sum(-1) ** 2).sum())
+    return total / len(X)
+
+
 def _setup(kind: str):
     if kind == "cnn":
         ds = train_subset(load_dataset("mnist5k", seed=0), 2000, seed=0)
@@ -93,7 +120,10 @@ def study(kind: str) -> list[dict]:
         fs = forget_pass(probe, layout, log, segment_weights(log, K - 1, w_a), (X[f], y[f]), M.loss_fn,
                          curvature=True, batch_size=512, device=w_a.device)
         lin_R = linearity(probe, layout, log, w_a, log.flatten(ref), (X[f], y[f]), 512, w_a.device, fs)
-        row = dict(model=kind, ratio=ratio,
+        train = bool(log.meta.get("train_mode", False)) and kind != "mlp"
+        quad = {k: ggn_quadratic(model, layout, w_a, log.flatten(m) - w_a, X[f], train)
+                for k, m in (("mini", res.model), ("retrain", ref))}
+        row = dict(model=kind, ratio=ratio, ggn_quadratic=quad,
                    forget_acc={k: _acc(m, X[f], y[f]) for k, m in (("original", model), ("mini", res.model),
                                                                     ("retrain", ref))},
                    test_acc={k: _acc(m, ds.X_test, ds.y_test) for k, m in (("original", model),
@@ -122,6 +152,7 @@ def study(kind: str) -> list[dict]:
         print(f"{kind} {ratio:.0%}: test o/u/R " + " ".join(f"{v:.1f}" for v in row["test_acc"].values())
               + "  forget o/u/R " + " ".join(f"{v:.1f}" for v in row["forget_acc"].values())
               + f"  KL ratio mini {lm['ratio']:.1f} retrain {lr_['ratio']:.1f}"
+              + f"  KL mini {lm['actual']:.3f} (K-FAC {lm['predicted']:.4f}, exact GGN {quad['mini']:.3f})"
               + ("  BN test kept/composed/recal " + "/".join(f"{v['test_acc']:.1f}" for v in row["bn_stats"].values())
                  if "bn_stats" in row else ""), flush=True)
     return rows
