@@ -8,7 +8,8 @@ batch statistics). The epoch is SGD with momentum at batch 64; the pass runs at 
 batch size for such a model (training's, 64: ``curvature.pass_batch_size``) with each
 output-side estimator: the Monte-Carlo Fisher (one backward per draw; what ``fisher="auto"``
 picks for convolutional nets), the empirical Fisher (no extra backward) and the exact per-class
-GGN (one backward per class). Each figure is the process CPU time (``--threads 1``: immune to other load on a shared
+GGN (one backward per class), each with the convolutions' trace calibration as finalize measures
+it (``traces=True``: exact per-sample curvature traces on 128 of the images). Each figure is the process CPU time (``--threads 1``: immune to other load on a shared
 machine), the best of ``--repeats`` runs. Also reports the anchor-only pass
 (gradient and loss, no curvature), the factor eigendecompositions finalize adds, the MC
 Fisher's deviation from the exact GGN, and the deviation of KFC's A on a sub-grid of positions
@@ -84,7 +85,7 @@ def main(argv=None) -> dict:
         def run(fisher=fisher):
             sums[fisher] = C.data_pass(model, layout, (X, y), F.cross_entropy, curvature=True, blocks=blocks,
                                        diag_names=diag, fisher=fisher, mc_samples=a.mc_samples,
-                                       batch_size=a.pass_batch)
+                                       batch_size=a.pass_batch, traces=True)  # as finalize runs it
         res[f"pass_{fisher}_s"] = best(run, a.repeats)
         res[f"pass_{fisher}_x_epoch"] = res[f"pass_{fisher}_s"] / res["epoch_s"]
     res["buffers_untouched"] = all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

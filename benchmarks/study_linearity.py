@@ -117,9 +117,10 @@ def study(kind: str) -> list[dict]:
         res = mu.unlearn(model, log, indices=f, loss_fn=M.loss_fn, linearity_limit=None)
         probe = copy.deepcopy(model)  # the forget curvature where the trajectory takes it: w̄_K
         K = len(log.meta["segments"])
+        bs = int(log.meta.get("pass_batch_size", 512))  # what unlearn's passes use
         fs = forget_pass(probe, layout, log, segment_weights(log, K - 1, w_a), (X[f], y[f]), M.loss_fn,
-                         curvature=True, batch_size=512, device=w_a.device)
-        lin_R = linearity(probe, layout, log, w_a, log.flatten(ref), (X[f], y[f]), 512, w_a.device, fs)
+                         curvature=True, batch_size=bs, device=w_a.device)
+        lin_R = linearity(probe, layout, log, w_a, log.flatten(ref), (X[f], y[f]), bs, w_a.device, fs)
         train = bool(log.meta.get("train_mode", False)) and kind != "mlp"
         quad = {k: ggn_quadratic(model, layout, w_a, log.flatten(m) - w_a, X[f], train)
                 for k, m in (("mini", res.model), ("retrain", ref))}

@@ -197,9 +197,9 @@ def _pack(sums: "PassSums", scale: float = 1.0) -> tuple[torch.Tensor, list]:
     parts = [torch.tensor([float(sums.n), sums.loss], dtype=torch.float64, device=sums.grad.device),
              sums.grad.double().reshape(-1)]
     spec: list = []
-    for side in ("A", "G"):
+    for side in ("A", "G", "sq"):
         for k in sorted(getattr(sums, side)):
-            t = getattr(sums, side)[k]
+            t = torch.as_tensor(getattr(sums, side)[k])
             spec.append((side, k, tuple(t.shape), t.dtype))
             parts.append(t.double().reshape(-1))
     if sums.diag is not None:

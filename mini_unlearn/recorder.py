@@ -18,7 +18,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import _batches
-from .curvature import Layout, auto_fisher, data_pass, dense_hessian, eigh_psd, kron_blocks, pass_batch_size
+from .curvature import (Layout, auto_fisher, data_pass, dense_hessian, eigh_psd, kron_blocks,
+                        pass_batch_size, trace_scale)
 from .errors import UnsupportedTrainingError
 from .log import GradientLog
 from .ops import Compressed, compress, decompress
@@ -471,7 +472,7 @@ class Recorder:
         try:
             sums = data_pass(model, layout, train_data, loss_fn, curvature=not exact, blocks=blocks,
                              diag_names=diag_names, fisher=self.fisher, batch_size=batch_size,
-                             device=device, progress=bar, **mode_kw)
+                             device=device, progress=bar, traces=True, **mode_kw)
         finally:
             bar.close()
         log = GradientLog.for_model(model, params=layout.names, fmt=self.fmt, block=self.block)
@@ -497,6 +498,7 @@ class Recorder:
         else:
             meta["kron_blocks"] = [b.to_meta() for b in blocks]
             meta["diag_params"] = list(diag_names)
+            meta["kfac_traces"] = _traces(sums)  # conv blocks: the trace calibration's means
             for b in blocks:
                 for side, m in (("A", sums.A[b.module]), ("G", sums.G[b.module])):
                     if m.dim() == 1:  # a diagonal factor (embedding inputs, memory bound): no basis
@@ -547,7 +549,7 @@ class Recorder:
             try:
                 return data_pass(model, layout, part, loss_fn, curvature=not exact, blocks=blocks,
                                  diag_names=diag_names, fisher=self.fisher, batch_size=batch_size,
-                                 device=device, progress=bar, **mode_kw)
+                                 device=device, progress=bar, traces=True, **mode_kw)
             finally:
                 bar.close()
 
@@ -577,6 +579,7 @@ class Recorder:
         else:
             meta["kron_blocks"] = [b.to_meta() for b in blocks]
             meta["diag_params"] = list(diag_names)
+            meta["kfac_traces"] = _traces(sums)  # conv blocks: the trace calibration's means
             owners = comm.owners([float(sum(m.shape[0] ** 3 for m in (sums.A[b.module], sums.G[b.module])
                                             if m.dim() == 2)) for b in blocks])
             meta["kfac_owners"] = dict(zip([b.module for b in blocks], owners))
@@ -659,9 +662,12 @@ class Recorder:
             sums = data_pass(self.model, self.layout, sub, loss_fn, curvature=True, blocks=blocks,
                              diag_names=diag_names, fisher=self.fisher, batch_size=batch_size, device=device,
                              train_mode=bool(self.train_mode))
+            scales = {k: trace_scale(ex, mo) for k, (ex, mo) in (log.meta.get("kfac_traces") or {}).items()}
             for b in blocks:
                 for side in ("A", "G"):
                     M = getattr(sums, side)[b.module] / sums.n
+                    if side == "G":  # the trace calibration of this pass (curvature/conv2d.py)
+                        M = M * scales.get(b.module, 1.0)
                     if M.dim() == 1:  # a diagonal factor is its own spectrum
                         log.put(f"seg/{k}/{b.module}/s_{side}", M.clamp_min(0), exact=True)
                         continue
@@ -699,6 +705,14 @@ def segment_weights(log: GradientLog, k: int, w_a: torch.Tensor) -> torch.Tensor
     if "ckpt/w" in log.row_lists:
         return log.row("ckpt/w", k).to(w_a.device)
     return w_a + log.row("ckpt/wdiff", k).to(w_a.device)
+
+
+def _traces(sums) -> dict[str, list[float]]:
+    """Per trace-calibrated block, [exact, Kronecker-model] per-sample curvature traces, means
+    over the samples they were measured on (curvature/conv2d.py, "Trace calibration")."""
+    keys = sorted(sums.sq)
+    vals = torch.stack([torch.as_tensor(sums.sq[k]).double() for k in keys]).tolist() if keys else []
+    return {k: [v[0] / max(v[2], 1.0), v[1] / max(v[2], 1.0)] for k, v in zip(keys, vals)}
 
 
 def _num_outputs(model: nn.Module, data, device) -> int:

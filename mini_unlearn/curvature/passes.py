@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-from .._batches import batches
+from .._batches import batches, count as count_samples
 from ..errors import NonFiniteError, UnsupportedTrainingError
 from .layout import KronBlock, Layout
 from .norm import uses_batch_stats
@@ -33,6 +33,19 @@ class PassSums:
     A: dict[str, torch.Tensor] = field(default_factory=dict)
     G: dict[str, torch.Tensor] = field(default_factory=dict)
     diag: torch.Tensor | None = None
+    #: per Kronecker block with a trace calibration: Σ over the sampled samples (and output-side
+    #: vectors) of [exact per-sample curvature trace, the Kronecker model's, count]
+    #: (``position_traces``)
+    sq: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+TRACE_SAMPLES = 128  # samples per pass (at least) on which the trace calibration is measured
+
+
+def trace_scale(exact: float, model: float) -> float:
+    """The calibration c = exact / model of a block's G from ``position_traces`` (sums or means;
+    conv2d.py, "Trace calibration"); 1 where either is zero."""
+    return exact / model if model > 0 and exact > 0 else 1.0
 
 
 def norm_train_mode(model: nn.Module) -> bool | None:
@@ -130,7 +143,7 @@ def pass_batch_size(model: nn.Module, train_mode: bool | None, recorded: int | N
 def data_pass(model: nn.Module, layout: Layout, data, loss_fn, *, curvature: bool = False,
               blocks: list[KronBlock] = (), diag_names: list[str] = (), fisher: str = "ggn",
               batch_size: int = 512, device=None, progress=None, train_mode: bool | None = None,
-              mc_samples: int = 1, seed: int = 0) -> PassSums:
+              mc_samples: int = 1, seed: int = 0, traces: bool = False) -> PassSums:
     """Loss sum, gradient sum (of per-sample losses) and, with ``curvature``, the K-FAC factor
     sums A = Σ_i (1/T) Σ_t ããᵀ, G = Σ_i Σ_t δδᵀ per block and the diagonal curvature of
     ``diag_names`` (closed-form per-sample gradients for normalisation layers and biases, a
@@ -142,17 +155,22 @@ def data_pass(model: nn.Module, layout: Layout, data, loss_fn, *, curvature: boo
     layers in train mode (True: batch statistics, as training computed its gradients), eval
     mode (False) or as they are (None); their running statistics are never modified. In train
     mode the statistics are the pass's batch's, so ``batch_size`` should be training's batch size
-    for the pass to see what training saw (and small batches are also faster on CPU caches)."""
+    for the pass to see what training saw (and small batches are also faster on CPU caches).
+    The sums are raw (additive over disjoint data). ``traces=True`` (finalize): blocks whose
+    rule has a trace calibration (Conv2d) also get ``sq``, ``position_traces`` summed over the
+    first ⌈``TRACE_SAMPLES`` / batches⌉ samples of every batch (see conv2d.py)."""
     with pass_mode(model, train_mode):
         return _pass(model, layout, data, loss_fn, curvature, list(blocks), list(diag_names), fisher,
-                     batch_size, device, progress, mc_samples, seed)
+                     batch_size, device, progress, mc_samples, seed, traces)
 
 
 def _pass(model, layout, data, loss_fn, curvature, blocks, diag_names, fisher, batch_size, device,
-          progress, mc_samples, seed) -> PassSums:
+          progress, mc_samples, seed, traces=False) -> PassSums:
     params = layout.params(model)
     mods = dict(model.named_modules())
     cheap, rest = diag_plan(model, layout, diag_names) if curvature else ({}, [])
+    # trace calibration: the first `per_batch` samples of every batch, TRACE_SAMPLES at least
+    per_batch = -(-TRACE_SAMPLES // max(1, -(-count_samples(data) // batch_size))) if traces else 0
     if rest and any(uses_batch_stats(m) for m in model.modules()):
         raise UnsupportedTrainingError(
             f"parameters {rest} have no closed-form curvature rule, and their per-sample fallback "
@@ -223,7 +241,7 @@ def _pass(model, layout, data, loss_fn, curvature, blocks, diag_names, fisher, b
                 g_out = grads[-1] if grads[-1] is not None else torch.zeros_like(out)
                 vs = pseudo_grads(out, y, g_out, fisher, mc_samples=mc_samples, seed=seed, x=x)
                 first = list(grads[len(params):-1])
-                _accumulate(sums, mods, blocks_rules, cheap, dpos, seen, outs, out, vs, first, fisher)
+                _accumulate(sums, mods, blocks_rules, cheap, dpos, seen, outs, out, vs, first, fisher, per_batch)
                 if rest:
                     sums.diag[torch.cat([torch.arange(dpos[n].start, dpos[n].stop) for n in rest])
                               .to(sums.diag.device)] += _diag_vmap(model, rest, x, vs)
@@ -263,7 +281,7 @@ def _detached(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.is_floating_point() else t
 
 
-def _accumulate(sums, mods, blocks_rules, cheap, dpos, seen, outs, out, vs, first, fisher) -> None:
+def _accumulate(sums, mods, blocks_rules, cheap, dpos, seen, outs, out, vs, first, fisher, per_batch=0) -> None:
     """Add one batch's factor sums and cheap diagonals."""
     for b, r in blocks_rules:
         m = mods[b.hook_module]
@@ -289,6 +307,10 @@ def _accumulate(sums, mods, blocks_rules, cheap, dpos, seen, outs, out, vs, firs
                 dy = deltas[i].detach().float()
                 gf = r.g_diag_factor(m, dy) if b.g_diag else r.g_factor(m, dy)
                 _add_into(sums.G, b.module, gf)
+                if per_batch and r.position_traces is not None:
+                    xin = _detached(seen[b.module][j][0])
+                    tr = r.position_traces(m, xin[:per_batch], dy[:per_batch], b.bias is not None)
+                    sums.sq[b.module] = sums.sq[b.module] + tr if b.module in sums.sq else tr
         # per-sample gradients summed over every use of a parameter (calls, tied modules), then squared
         tot: dict[str, torch.Tensor] = {}
         for key, attrs in cheap.items():

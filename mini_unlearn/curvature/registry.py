@@ -92,6 +92,10 @@ class LayerRule:
         d = self.g_rows(module, dy)
         return d.T @ d
 
+    #: Rules whose Kronecker factors are calibrated to the per-sample curvature's trace define
+    #: ``position_traces`` (see conv2d.py and :func:`mini_unlearn.curvature.passes.trace_scale`).
+    position_traces = None
+
     def a_diag_factor(self, module: nn.Module, x: torch.Tensor, bias: bool) -> torch.Tensor:
         """The diagonal of ``a_factor`` as a vector [cols] (never the dense matrix)."""
         rows, T = self.a_rows(module, x)
