@@ -347,7 +347,7 @@ def _reuse_freed_memory() -> bool:
         return False
 
 
-def run(quick: bool, device: str, repeats: int | None = None, log=print) -> dict:
+def run(quick: bool, device: str, repeats: int | None = None, log=print, ops: list[str] | None = None) -> dict:
     """Benchmark every op; returns the JSON-able dict described in the module docstring.
 
     On CPU it runs two passes. Pass 1 times each native op (against its copy) with the system
@@ -367,6 +367,11 @@ def run(quick: bool, device: str, repeats: int | None = None, log=print) -> dict
     n_contraction = CONTRACTION_SHAPE[0] * CONTRACTION_SHAPE[1]
     rows = [(numel, name) for numel in sizes for name, _ in _cases(numel, device)[0]]
     rows += [(n_contraction, name) for name, _ in _cases(n_contraction, device)[1]]
+    if ops:  # only these ops (names as in the output)
+        unknown = set(ops) - {name for _, name in rows}
+        if unknown:
+            raise ValueError(f"unknown op(s) {sorted(unknown)}; choose from {sorted({n for _, n in rows})}")
+        rows = [(numel, name) for numel, name in rows if name in ops]
 
     def build_of(numel, name):
         flat, contraction = _cases(numel, device)
@@ -496,10 +501,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plot", help="write a bar chart of ratio_to_copy here (PNG)")
     p.add_argument("--repeats", type=int, help="timed repeats of the native op and the copy")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--ops", help="comma-separated op names to run (default: all)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = run(args.quick, args.device, args.repeats, log=lambda s: print(s, file=sys.stderr, flush=True))
+    result = run(args.quick, args.device, args.repeats, log=lambda s: print(s, file=sys.stderr, flush=True),
+                 ops=args.ops.split(",") if args.ops else None)
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(result, f, indent=2)

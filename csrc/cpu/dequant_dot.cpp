@@ -8,99 +8,159 @@
 namespace mini_unlearn {
 namespace {
 
-// Code-unit dot products (step 1; the block's step scales the sum once), up to four rows per
-// pass: v is loaded once for all of them and the independent sums hide the add latency.
-// int8 rows: every path keeps two 16-lane partial sums over each 32 elements (lane l of the
-// first sums elements 32g + l, of the second 32g + 16 + l, one fused multiply-add each), adds
-// them lane by lane, reduces the 16 lanes in a fixed order (lane_sum16), then adds the tail in
-// order, so the result is the same on AVX-512, AVX2 and the generic loop, for any grouping of
-// rows. int4 rows are decoded to a float buffer and summed with the same grouping
-// (dot_f32_rows_body).
+// int8 rows over a whole span of blocks with the step folded in per lane, in double: every
+// block's 16 lane partial sums (lane l: elements 32g + l and 32g + 16 + l of the block, one
+// fused multiply-add each, the two halves added) are widened to double and accumulated as
+// lane_acc[l] += partial[l] * step, so no block needs a horizontal reduction. The 16 double
+// lanes are reduced once per span in a fixed order (lane_sum16d), and a partial block's
+// elements past its last multiple of 32 are added in order (tail). AVX-512 keeps the 16 lanes in
+// one float / two double registers, AVX2 in two / four, the generic loop in arrays: the same
+// operations per lane, so the same bits on every path.
+inline double lane_sum16d(double* t) {
+  for (int w = 8; w >= 1; w /= 2)
+    for (int l = 0; l < w; ++l) t[l] += t[l + w];
+  return t[0];
+}
+
+struct SpanInt8 {
+  const int8_t* c[4];  // rows, at the span's first element
+  const float* s[4];   // each row's scales (absmax), at the span's first block
+  int qmax;
+
+  // the block's step, as the other paths form it (fp32), then widened
+  double step(int r, int64_t b) const { return static_cast<double>(dequant_step(s[r][b], qmax)); }
+};
+
 #ifdef MU_X86_KERNELS
 template <int R>
-MU_TARGET_AVX512 void dot_int8_avx512(const int8_t* const* cp, const float* v, int64_t n, float* out) {
-  const int8_t* c[R];
-  __m512 a[R], b[R];  // partial sums of the first and second 16 of every 32 elements
-  for (int r = 0; r < R; ++r) c[r] = cp[r], a[r] = b[r] = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + 32 <= n; i += 32) {
-    const __m512 v0 = _mm512_loadu_ps(v + i), v1 = _mm512_loadu_ps(v + i + 16);
+MU_TARGET_AVX512 void span_int8_avx512(const SpanInt8& in, const float* v, int64_t block, int64_t nblk,
+                                       int64_t n, double* out) {
+  __m512d lo[R], hi[R];
+  double tail[R];
+  for (int r = 0; r < R; ++r) lo[r] = hi[r] = _mm512_setzero_pd(), tail[r] = 0.0;
+  for (int64_t b = 0; b < nblk; ++b) {
+    const int64_t start = b * block, len = std::min(block, n - start), full = len / 32 * 32;
+    __m512 a[R], c2[R];
+    for (int r = 0; r < R; ++r) a[r] = c2[r] = _mm512_setzero_ps();
+    for (int64_t i = start; i < start + full; i += 32) {
+      const __m512 v0 = _mm512_loadu_ps(v + i), v1 = _mm512_loadu_ps(v + i + 16);
+      for (int r = 0; r < R; ++r) {
+        a[r] = _mm512_fmadd_ps(load16_i8_as_f32(in.c[r] + i), v0, a[r]);
+        c2[r] = _mm512_fmadd_ps(load16_i8_as_f32(in.c[r] + i + 16), v1, c2[r]);
+      }
+    }
     for (int r = 0; r < R; ++r) {
-      a[r] = _mm512_fmadd_ps(load16_i8_as_f32(c[r] + i), v0, a[r]);
-      b[r] = _mm512_fmadd_ps(load16_i8_as_f32(c[r] + i + 16), v1, b[r]);
+      const __m512 p = _mm512_add_ps(a[r], c2[r]);
+      const double st = in.step(r, b);
+      const __m512d sd = _mm512_set1_pd(st);
+      lo[r] = _mm512_fmadd_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(p)), sd, lo[r]);
+      hi[r] = _mm512_fmadd_pd(_mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(p), 1))),
+                              sd, hi[r]);
+      if (full < len) {
+        float t = 0.f;
+        for (int64_t j = start + full; j < start + len; ++j) t += static_cast<float>(in.c[r][j]) * v[j];
+        tail[r] += static_cast<double>(t) * st;
+      }
     }
   }
   for (int r = 0; r < R; ++r) {
-    alignas(64) float t[16];
-    _mm512_store_ps(t, _mm512_add_ps(a[r], b[r]));
-    float s = lane_sum16(t);
-    for (int64_t j = i; j < n; ++j) s += static_cast<float>(c[r][j]) * v[j];
-    out[r] = s;
+    alignas(64) double t[16];
+    _mm512_store_pd(t, lo[r]);
+    _mm512_store_pd(t + 8, hi[r]);
+    out[r] += lane_sum16d(t) + tail[r];
   }
 }
 
+inline __m256 load8_i8_as_f32(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
 template <int R>
-void dot_int8_avx2(const int8_t* const* cp, const float* v, int64_t n, float* out) {
-  const int8_t* c[R];
-  __m256 a0[R], a1[R], b0[R], b1[R];  // lanes 0-7 / 8-15 of the two 16-lane partial sums
-  for (int r = 0; r < R; ++r) c[r] = cp[r], a0[r] = a1[r] = b0[r] = b1[r] = _mm256_setzero_ps();
-  auto cvt8 = [](const int8_t* p) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-  };
-  int64_t i = 0;
-  for (; i + 32 <= n; i += 32) {
-    const __m256 v0 = _mm256_loadu_ps(v + i), v1 = _mm256_loadu_ps(v + i + 8);
-    const __m256 v2 = _mm256_loadu_ps(v + i + 16), v3 = _mm256_loadu_ps(v + i + 24);
+void span_int8_avx2(const SpanInt8& in, const float* v, int64_t block, int64_t nblk, int64_t n, double* out) {
+  __m256d acc[R][4];  // lanes 0-3, 4-7, 8-11, 12-15
+  double tail[R];
+  for (int r = 0; r < R; ++r) {
+    for (int q = 0; q < 4; ++q) acc[r][q] = _mm256_setzero_pd();
+    tail[r] = 0.0;
+  }
+  for (int64_t b = 0; b < nblk; ++b) {
+    const int64_t start = b * block, len = std::min(block, n - start), full = len / 32 * 32;
+    __m256 a0[R], a1[R], b0[R], b1[R];  // lanes 0-7 / 8-15 of the two 16-lane partial sums
+    for (int r = 0; r < R; ++r) a0[r] = a1[r] = b0[r] = b1[r] = _mm256_setzero_ps();
+    for (int64_t i = start; i < start + full; i += 32) {
+      const __m256 v0 = _mm256_loadu_ps(v + i), v1 = _mm256_loadu_ps(v + i + 8);
+      const __m256 v2 = _mm256_loadu_ps(v + i + 16), v3 = _mm256_loadu_ps(v + i + 24);
+      for (int r = 0; r < R; ++r) {
+        a0[r] = _mm256_fmadd_ps(load8_i8_as_f32(in.c[r] + i), v0, a0[r]);
+        a1[r] = _mm256_fmadd_ps(load8_i8_as_f32(in.c[r] + i + 8), v1, a1[r]);
+        b0[r] = _mm256_fmadd_ps(load8_i8_as_f32(in.c[r] + i + 16), v2, b0[r]);
+        b1[r] = _mm256_fmadd_ps(load8_i8_as_f32(in.c[r] + i + 24), v3, b1[r]);
+      }
+    }
     for (int r = 0; r < R; ++r) {
-      a0[r] = _mm256_fmadd_ps(cvt8(c[r] + i), v0, a0[r]);
-      a1[r] = _mm256_fmadd_ps(cvt8(c[r] + i + 8), v1, a1[r]);
-      b0[r] = _mm256_fmadd_ps(cvt8(c[r] + i + 16), v2, b0[r]);
-      b1[r] = _mm256_fmadd_ps(cvt8(c[r] + i + 24), v3, b1[r]);
+      const __m256 p0 = _mm256_add_ps(a0[r], b0[r]), p1 = _mm256_add_ps(a1[r], b1[r]);
+      const double st = in.step(r, b);
+      const __m256d sd = _mm256_set1_pd(st);
+      acc[r][0] = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(p0)), sd, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(p0, 1)), sd, acc[r][1]);
+      acc[r][2] = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(p1)), sd, acc[r][2]);
+      acc[r][3] = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(p1, 1)), sd, acc[r][3]);
+      if (full < len) {
+        float t = 0.f;
+        for (int64_t j = start + full; j < start + len; ++j) t += static_cast<float>(in.c[r][j]) * v[j];
+        tail[r] += static_cast<double>(t) * st;
+      }
     }
   }
   for (int r = 0; r < R; ++r) {
-    alignas(32) float t[16];
-    _mm256_store_ps(t, _mm256_add_ps(a0[r], b0[r]));
-    _mm256_store_ps(t + 8, _mm256_add_ps(a1[r], b1[r]));
-    float s = lane_sum16(t);
-    for (int64_t j = i; j < n; ++j) s += static_cast<float>(c[r][j]) * v[j];
-    out[r] = s;
-  }
-}
-#else
-void dot_int8_generic(const int8_t* const* c, int rows, const float* v, int64_t n, float* out) {
-  for (int r = 0; r < rows; ++r) {
-    float a[16] = {}, b[16] = {};
-    int64_t i = 0;
-    for (; i + 32 <= n; i += 32)
-      for (int l = 0; l < 16; ++l) {
-        a[l] = std::fma(static_cast<float>(c[r][i + l]), v[i + l], a[l]);
-        b[l] = std::fma(static_cast<float>(c[r][i + 16 + l]), v[i + 16 + l], b[l]);
-      }
-    for (int l = 0; l < 16; ++l) a[l] += b[l];
-    float s = lane_sum16(a);
-    for (int64_t j = i; j < n; ++j) s += static_cast<float>(c[r][j]) * v[j];
-    out[r] = s;
+    alignas(32) double t[16];
+    for (int q = 0; q < 4; ++q) _mm256_store_pd(t + 4 * q, acc[r][q]);
+    out[r] += lane_sum16d(t) + tail[r];
   }
 }
 #endif
 
-// out[r] = sum_i c[r][i] * v[i] for rows r < rows <= 4.
-void dot_rows_int8(const int8_t* const* c, int rows, const float* v, int64_t n, float* out) {
+[[maybe_unused]] void span_int8_generic(const SpanInt8& in, int rows, const float* v, int64_t block, int64_t nblk, int64_t n,
+                       double* out) {
+  for (int r = 0; r < rows; ++r) {
+    double acc[16] = {}, tail = 0.0;
+    for (int64_t b = 0; b < nblk; ++b) {
+      const int64_t start = b * block, len = std::min(block, n - start), full = len / 32 * 32;
+      float a[16] = {}, c2[16] = {};
+      for (int64_t i = start; i < start + full; i += 32)
+        for (int l = 0; l < 16; ++l) {
+          a[l] = std::fma(static_cast<float>(in.c[r][i + l]), v[i + l], a[l]);
+          c2[l] = std::fma(static_cast<float>(in.c[r][i + 16 + l]), v[i + 16 + l], c2[l]);
+        }
+      const double st = in.step(r, b);
+      for (int l = 0; l < 16; ++l) acc[l] = std::fma(static_cast<double>(a[l] + c2[l]), st, acc[l]);
+      if (full < len) {
+        float t = 0.f;
+        for (int64_t j = start + full; j < start + len; ++j) t += static_cast<float>(in.c[r][j]) * v[j];
+        tail += static_cast<double>(t) * st;
+      }
+    }
+    out[r] += lane_sum16d(acc) + tail;
+  }
+}
+
+// out[r] += sum over the span of rows r < rows <= 4 (codes, v and n relative to the span start).
+void span_rows_int8(const SpanInt8& in, int rows, const float* v, int64_t block, int64_t nblk, int64_t n,
+                    double* out) {
 #ifdef MU_X86_KERNELS
   const bool wide = use_avx512();
   switch (rows) {
-    case 4: return wide ? dot_int8_avx512<4>(c, v, n, out) : dot_int8_avx2<4>(c, v, n, out);
-    case 3: return wide ? dot_int8_avx512<3>(c, v, n, out) : dot_int8_avx2<3>(c, v, n, out);
-    case 2: return wide ? dot_int8_avx512<2>(c, v, n, out) : dot_int8_avx2<2>(c, v, n, out);
-    default: return wide ? dot_int8_avx512<1>(c, v, n, out) : dot_int8_avx2<1>(c, v, n, out);
+    case 4: return wide ? span_int8_avx512<4>(in, v, block, nblk, n, out) : span_int8_avx2<4>(in, v, block, nblk, n, out);
+    case 3: return wide ? span_int8_avx512<3>(in, v, block, nblk, n, out) : span_int8_avx2<3>(in, v, block, nblk, n, out);
+    case 2: return wide ? span_int8_avx512<2>(in, v, block, nblk, n, out) : span_int8_avx2<2>(in, v, block, nblk, n, out);
+    default: return wide ? span_int8_avx512<1>(in, v, block, nblk, n, out) : span_int8_avx2<1>(in, v, block, nblk, n, out);
   }
 #else
-  dot_int8_generic(c, rows, v, n, out);
+  span_int8_generic(in, rows, v, block, nblk, n, out);
 #endif
 }
 
-// Float dot products of R rows against v with the int8 path's fixed grouping: lane l of 16
+// Float dot products of R rows against v (int4 rows, decoded per block): lane l of 16
 // partial sums adds elements 16g + l (multiply, then add), the lanes are reduced by
 // lane_sum16, then the tail is added in order. On AVX-512 the 16 lanes are one register, on
 // AVX2 two (W = 8: part p holds lanes 8p .. 8p + 7), so both give the same bits.
@@ -160,14 +220,20 @@ void span_dots(const uint8_t* codes, const float* scales, int64_t row_bytes, int
   float sums[4];
   for (int64_t j = 0; j < k; j += 4) {
     const int rows = static_cast<int>(std::min<int64_t>(4, k - j));
+    if (bits == 8) {  // the whole span at once, the step folded in per lane (span_rows_int8)
+      SpanInt8 in;
+      in.qmax = qmax;
+      for (int r = 0; r < rows; ++r) {
+        in.c[r] = reinterpret_cast<const int8_t*>(codes) + (j + r) * row_bytes + span0;
+        in.s[r] = scales + (j + r) * nb + bs;
+      }
+      span_rows_int8(in, rows, vb, block, be - bs, std::min(be * block, d) - span0, acc + j);
+      continue;
+    }
     for (int64_t b = bs; b < be; ++b) {
       const int64_t start = b * block, n = std::min(block, d - start);
       const float* v = vb + (start - span0);
-      if (bits == 8) {
-        const int8_t* c[4];
-        for (int r = 0; r < rows; ++r) c[r] = reinterpret_cast<const int8_t*>(codes) + (j + r) * row_bytes + start;
-        dot_rows_int8(c, rows, v, n, sums);
-      } else if (rows == 4) {
+      if (rows == 4) {  // int4 rows: decoded to floats, summed with the same lane grouping
         for (int r = 0; r < 4; ++r) decode_span(codes + (j + r) * row_bytes, bits, start, n, 1.f, wbuf[r]);
         dot4_f32(wbuf[0], wbuf[1], wbuf[2], wbuf[3], v, n, sums);
       } else {
