@@ -53,9 +53,11 @@ MU_TARGET_AVX512 void span_int8_avx512(const SpanInt8& in, const float* v, int64
       const __m512 p = _mm512_add_ps(a[r], c2[r]);
       const double st = in.step(r, b);
       const __m512d sd = _mm512_set1_pd(st);
-      lo[r] = _mm512_fmadd_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(p)), sd, lo[r]);
-      hi[r] = _mm512_fmadd_pd(_mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(p), 1))),
-                              sd, hi[r]);
+      // the all-ones-mask forms: gcc 12 warns spuriously on the plain ones' undefined operand
+      const __m256 p_lo = _mm256_castpd_ps(_mm512_maskz_extractf64x4_pd(__mmask8(0xFF), _mm512_castps_pd(p), 0));
+      const __m256 p_hi = _mm256_castpd_ps(_mm512_maskz_extractf64x4_pd(__mmask8(0xFF), _mm512_castps_pd(p), 1));
+      lo[r] = _mm512_fmadd_pd(_mm512_maskz_cvtps_pd(__mmask8(0xFF), p_lo), sd, lo[r]);
+      hi[r] = _mm512_fmadd_pd(_mm512_maskz_cvtps_pd(__mmask8(0xFF), p_hi), sd, hi[r]);
       if (full < len) {
         float t = 0.f;
         for (int64_t j = start + full; j < start + len; ++j) t += static_cast<float>(in.c[r][j]) * v[j];
