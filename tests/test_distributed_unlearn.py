@@ -254,3 +254,50 @@ def test_torchrun_cli_prints_the_table_once_and_rank0_writes(tmp_path):
     bad = _torchrun(args[:-6] + ["--methods", "mini,finetune", "--json", "bad.json"], str(tmp_path))
     assert bad.returncode != 0 and "finetune have no data-parallel path" in bad.stderr
     assert not (tmp_path / "bad.json").exists()
+
+
+_CONV_WORKER = r'''
+import datetime, json, os, sys, torch
+torch.set_num_threads(1)
+rank, world, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+if world > 1:
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=30))
+from mini_unlearn import Recorder, unlearn
+g = torch.Generator().manual_seed(0)
+X = torch.randn(200, 1, 8, 8, generator=g)
+y = X.flatten(1)[:, :3].argmax(1)
+torch.manual_seed(0)
+net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                          torch.nn.Linear(256, 3))
+loss_fn = torch.nn.functional.cross_entropy
+opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.5)
+rec = Recorder(net, checkpoints=4, total_steps=40, compression="fp32", block=32).attach(opt)
+for _ in range(40):
+    opt.zero_grad(); loss_fn(net(X), y).backward(); opt.step()
+log = rec.finalize((X, y), loss_fn, progress=False)
+res = unlearn(net, log, indices=torch.arange(3, 200, 13), train_data=(X, y), loss_fn=loss_fn)
+if rank == 0:
+    w = torch.cat([p.detach().reshape(-1) for p in res.model.parameters()])
+    with open(os.path.join(out, f"conv{world}.json"), "w") as fh:
+        json.dump({"w": w.tolist(), "traces": log.meta["kfac_traces"]}, fh)
+if world > 1:
+    dist.barrier()
+    dist.destroy_process_group()
+print("ok", rank, flush=True)
+'''
+
+
+def test_two_ranks_calibrate_convolutions_like_one_process(tmp_path):
+    """A convolution's trace calibration (curvature/conv2d.py) survives the all-reduce: on 2 ranks
+    the traces are summed over both shares (each rank measures its own first samples, so they
+    differ slightly from one process's) and the unlearned weights match one process's."""
+    out = str(tmp_path)
+    run_ranks(_CONV_WORKER, 1, out, timeout=TIMEOUT)
+    run_ranks(_CONV_WORKER, 2, out, timeout=TIMEOUT)
+    one, two = (json.load(open(os.path.join(out, f"conv{w}.json"))) for w in (1, 2))
+    (ex1, mo1), (ex2, mo2) = one["traces"]["0"], two["traces"]["0"]
+    assert ex1 > 0 and mo1 > 0 and abs(ex1 / mo1 - ex2 / mo2) < 0.05 * ex1 / mo1
+    w1, w2 = torch.tensor(one["w"]), torch.tensor(two["w"])
+    assert float((w1 - w2).norm() / w1.norm()) < 1e-3
