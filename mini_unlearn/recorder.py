@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from . import _batches
 from .curvature import (Layout, auto_fisher, data_pass, dense_hessian, eigh_psd, kron_blocks,
-                        pass_batch_size, trace_scale)
+                        pass_batch_size, trace_scales)
 from .errors import UnsupportedTrainingError
 from .log import GradientLog
 from .ops import Compressed, compress, decompress
@@ -662,7 +662,7 @@ class Recorder:
             sums = data_pass(self.model, self.layout, sub, loss_fn, curvature=True, blocks=blocks,
                              diag_names=diag_names, fisher=self.fisher, batch_size=batch_size, device=device,
                              train_mode=bool(self.train_mode))
-            scales = {k: trace_scale(ex, mo) for k, (ex, mo) in (log.meta.get("kfac_traces") or {}).items()}
+            scales = trace_scales(log.meta)
             for b in blocks:
                 for side in ("A", "G"):
                     M = getattr(sums, side)[b.module] / sums.n

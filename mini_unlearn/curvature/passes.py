@@ -48,6 +48,12 @@ def trace_scale(exact: float, model: float) -> float:
     return exact / model if model > 0 and exact > 0 else 1.0
 
 
+def trace_scales(meta: dict) -> dict[str, float]:
+    """Each calibrated block's c from a log's ``meta["kfac_traces"]`` (finalize's means); empty
+    for logs finalized before the calibration (their factors are used as they are)."""
+    return {k: trace_scale(ex, mo) for k, (ex, mo) in (meta.get("kfac_traces") or {}).items()}
+
+
 def norm_train_mode(model: nn.Module) -> bool | None:
     """True if the model's BatchNorm/InstanceNorm layers are in train mode (batch statistics),
     False if in eval mode, None if it has none (record it with a log to replay passes alike)."""
@@ -310,7 +316,7 @@ def _accumulate(sums, mods, blocks_rules, cheap, dpos, seen, outs, out, vs, firs
                 if per_batch and r.position_traces is not None:
                     xin = _detached(seen[b.module][j][0])
                     tr = r.position_traces(m, xin[:per_batch], dy[:per_batch], b.bias is not None)
-                    sums.sq[b.module] = sums.sq[b.module] + tr if b.module in sums.sq else tr
+                    _add_into(sums.sq, b.module, tr)
         # per-sample gradients summed over every use of a parameter (calls, tied modules), then squared
         tot: dict[str, torch.Tensor] = {}
         for key, attrs in cheap.items():

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from .. import ops
 from ..curvature import (EigenBlock, KronBlock, Layout, PassSums, Preconditioner, data_pass,
-                         dense_hessian, eigh_psd, trace_scale)
+                         dense_hessian, eigh_psd, trace_scales)
 from ..errors import CurvatureScaleError, LinearisationError, NonFiniteError, UnsupportedTrainingError
 from ..lbfgs import lbfgs
 from ..optimizers import StepRule
@@ -71,13 +71,6 @@ def forget_pass(model, layout: Layout, log, w: torch.Tensor, forget, loss_fn, *,
     return summed_pass(comm, forget, one)
 
 
-def kfac_scales(log) -> dict[str, float]:
-    """The trace calibration of each calibrated block's G (curvature/conv2d.py), measured at
-    finalize: exact / Kronecker-model per-sample curvature trace. Empty for logs finalized
-    before it (their factors are used as they are)."""
-    return {k: trace_scale(ex, mo) for k, (ex, mo) in (log.meta.get("kfac_traces") or {}).items()}
-
-
 def preconditioner(log, layout: Layout, fsums: PassSums, n: int, r: int, lam: float,
                    device, diag_groups: list[list[str]] | None = None) -> Preconditioner:
     """P = curvature of the retained loss + λI, from the log's full-data curvature minus the
@@ -89,7 +82,7 @@ def preconditioner(log, layout: Layout, fsums: PassSums, n: int, r: int, lam: fl
         return Preconditioner([EigenBlock(lambda v: v.view(-1, 1), lambda out, m: out.copy_(m.view(-1)),
                                           U, s, None, one)], lam, layout.numel)
     parts = []
-    scales = kfac_scales(log)
+    scales = trace_scales(log.meta)
     for b in _blocks(log):
         sides = {}
         for side, diag in (("A", b.a_diag), ("G", b.g_diag)):
@@ -156,7 +149,7 @@ def kron_pcg(log, layout: Layout, fs: PassSums, n: int, r: int, lam: float, b: t
             return (U @ M) if back else (U.T @ M)
         return (M @ U.T) if back else (M @ U)
 
-    scales = kfac_scales(log)
+    scales = trace_scales(log.meta)
 
     def apply_P(v):
         out = lam * v
@@ -352,7 +345,7 @@ def linearity(model, layout: Layout, log, w_a: torch.Tensor, w: torch.Tensor, fo
     dw = w - w_a
     pred = torch.zeros((), device=device)
     m = float(fs.n)
-    scales = kfac_scales(log)
+    scales = trace_scales(log.meta)
     for b in _blocks(log):  # mean K-FAC of the forget set: (A_R / m) ⊗ (G_R / m)
         M = b.matrix(layout, dw)
         G, A = fs.G[b.module] * scales.get(b.module, 1.0), fs.A[b.module]  # a diagonal factor: a vector
