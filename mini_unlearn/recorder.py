@@ -567,7 +567,8 @@ class Recorder:
         meta.update(n_train=n, weight_decay=lam, loss_reduction="mean", anchor_loss=sums.loss / n,
                     curvature=self.curvature, fisher=self.fisher, mc_samples=self.mc_samples, history=self.history,
                     steps_recorded=self.steps, grad_includes_weight_decay=self.grad_includes_wd,
-                    train_mode=bool(self.train_mode), recorded_by_ranks=comm.world)
+                    train_mode=bool(self.train_mode), recorded_by_ranks=comm.world,
+                    pass_batch_size=batch_size)  # unlearn's passes use finalize's batch size
         if self._optim is not None:
             opt, adapter, group_of, _ = self._optim
             meta["optimizer"] = {"name": type(opt).__name__, "preconditioned": adapter.preconditioned,
