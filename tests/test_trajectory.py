@@ -8,6 +8,7 @@ from conftest import acc, vec
 import mini_unlearn as mu
 from mini_unlearn import models as M
 from mini_unlearn.data import forget_split, load_dataset
+from mini_unlearn.methods import mini
 
 RATIOS = (0.01, 0.1, 0.3, 0.5)
 
@@ -68,7 +69,11 @@ def test_trajectory_tracks_same_recipe_retraining(kind, bound, acc_gap):
         gap_u, gap_o = abs(acc(res.model, Xf, yf) - acc(ref, Xf, yf)), abs(acc(run.model, Xf, yf) - acc(ref, Xf, yf))
         assert gap_u <= gap_o + 1.0 / len(f) + 1e-6, (ratio, gap_u, gap_o)
         retrain_evals = run.recipe.epochs * len(r)
-        assert res.grad_evals <= (0.5 if ratio == 0.5 else 0.05 if ratio == 0.01 else 1.0) * retrain_evals
+        # K forget passes, plus the directional calibration's Jacobian products (at most
+        # CALIBRATION_SAMPLES rows per half and K-FAC block)
+        calib = res.info["stability"]["calibration"]
+        assert calib["grad_evals"] <= 2 * mini.CALIBRATION_SAMPLES * len(run.log.meta["kron_blocks"])
+        assert res.grad_evals - calib["grad_evals"] <= (0.5 if ratio == 0.5 else 0.05 if ratio == 0.01 else 1.0) * retrain_evals
 
 
 def test_recorder_thins_segments_when_steps_are_unknown():
@@ -131,7 +136,7 @@ def test_retained_repair_at_half_the_data():
     res = mu.unlearn(run.model, run.log, indices=f, loss_fn=M.loss_fn, retain=retain)
     assert res.mode == "trajectory" and res.passes == 10 + 2
     assert res.info["repair"]["batch_size"] == run.recipe.batch_size
-    assert res.grad_evals == 10 * len(f) + 2 * len(r)
+    assert res.grad_evals == 10 * len(f) + 2 * len(r) + res.info["stability"]["calibration"]["grad_evals"]
     Xf, yf = ds.X_train[f], ds.y_train[f]
     a = {k: (acc(m, Xf, yf), acc(m, ds.X_test, ds.y_test)) for k, m in
          (("orig", run.model), ("u", res.model), ("R", ref))}

@@ -13,7 +13,7 @@ from .registry import (MAX_FACTOR_BYTES, LayerRule, diag_plan, kron_blocks, regi
                        shared_params)
 from . import linear, conv2d, norm, embedding, attention  # noqa: F401  (register the built-in rules)
 from .outputs import FISHERS, auto_fisher, pseudo_grads
-from .passes import (PASS_BATCH_SIZE, PassSums, data_pass, dense_hessian, norm_train_mode, pass_batch_size,
+from .passes import (PASS_BATCH_SIZE, PassSums, data_pass, dense_hessian, ggn_quadratic, norm_train_mode, pass_batch_size,
                      pass_mode, recalibrate_norm_stats, trace_scale, trace_scales)
 from .eigen import EigenBlock, Preconditioner, eigh_psd
 
@@ -21,6 +21,6 @@ __all__ = [
     "Layout", "KronBlock", "LayerRule", "register", "rule_for", "kron_blocks", "diag_plan",
     "MAX_FACTOR_BYTES", "shared_params",
     "FISHERS", "auto_fisher", "pseudo_grads", "PASS_BATCH_SIZE", "pass_batch_size", "PassSums",
-    "trace_scale", "trace_scales", "data_pass", "dense_hessian", "norm_train_mode",
+    "trace_scale", "trace_scales", "data_pass", "dense_hessian", "ggn_quadratic", "norm_train_mode",
     "pass_mode", "recalibrate_norm_stats", "EigenBlock", "Preconditioner", "eigh_psd",
 ]

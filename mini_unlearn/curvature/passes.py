@@ -38,6 +38,18 @@ class PassSums:
     #: (``position_traces``)
     sq: dict[str, torch.Tensor] = field(default_factory=dict)
 
+    def __add__(self, other: "PassSums") -> "PassSums":
+        """The sums over the union of two disjoint passes' data (every field is additive)."""
+        def add(a, b):
+            return b if a is None else a if b is None else a + b
+
+        def merge(x: dict, y: dict) -> dict:
+            return {k: add(x.get(k), y.get(k)) for k in dict.fromkeys([*x, *y])}
+
+        return PassSums(self.n + other.n, self.loss + other.loss, add(self.grad, other.grad),
+                        merge(self.A, other.A), merge(self.G, other.G), add(self.diag, other.diag),
+                        merge(self.sq, other.sq))
+
 
 TRACE_SAMPLES = 128  # samples per pass (at least) on which the trace calibration is measured
 
@@ -389,3 +401,45 @@ def dense_hessian(model: nn.Module, layout: Layout, data, loss_fn, batch_size: i
         for xb, yb in batches(data, batch_size, device):
             H += hessian(total_loss)(w0, xb, yb).float()
     return H
+
+
+def ggn_quadratic(model: nn.Module, layout: Layout, data, loss_fn, directions: list[torch.Tensor], *,
+                  batch_size: int = 512, device=None, train_mode: bool | None = None,
+                  max_samples: int | None = None) -> tuple[torch.Tensor, int]:
+    """The exact Gauss-Newton curvature of the mean loss along each flat direction v, the mean over
+    the samples of ``data`` of (J v)ᵀ ∇²_f ℓ (J v) (J: the outputs' Jacobian at the model's
+    current parameters), by one forward-mode Jacobian product per direction and batch; any loss
+    (its Hessian in the outputs comes from autograd), over the first ``max_samples`` samples
+    (all by default). Normalisation layers as in :func:`data_pass`
+    (``train_mode``; buffers untouched). Returns the means (float32, [len(directions)]) and the
+    number of samples they are over."""
+    from torch.func import functional_call, grad, jvp
+
+    named = dict(model.named_parameters())
+    fixed = {k: v.detach() for k, v in named.items() if k not in layout.index}
+    w0 = layout.get(model).detach()
+    dirs = [v.to(w0) for v in directions]
+    out = torch.zeros(len(dirs), dtype=torch.float64, device=w0.device)
+    seen = 0
+    # forward-mode AD: scaled_dot_product_attention's fused CPU/GPU kernels have no forward
+    # derivative, its math form does
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with pass_mode(model, train_mode), torch.no_grad(), sdpa_kernel([SDPBackend.MATH]):
+        for xb, yb in batches(data, batch_size, device):
+            if max_samples is not None:
+                xb, yb = xb[:max_samples - seen], yb[:max_samples - seen]
+            def f(w, xb=xb):
+                p = {n: w[layout.slice(n)].view(s).to(named[n].dtype) for n, s in zip(layout.names, layout.shapes)}
+                return functional_call(model, {**fixed, **p}, (xb,))
+
+            def total(o, yb=yb, b=xb.shape[0]):
+                return loss_fn(o, yb) * b
+
+            for i, v in enumerate(dirs):
+                o, jv = jvp(f, (w0,), (v,))
+                _, hjv = jvp(grad(total), (o,), (jv,))
+                out[i] += (hjv.double() * jv.double()).sum()
+            seen += xb.shape[0]
+            if max_samples is not None and seen >= max_samples:
+                break
+    return (out / max(seen, 1)).float(), seen

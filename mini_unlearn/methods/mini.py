@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from .. import ops
 from ..curvature import (EigenBlock, KronBlock, Layout, PassSums, Preconditioner, data_pass,
-                         dense_hessian, eigh_psd, trace_scales)
+                         dense_hessian, eigh_psd, ggn_quadratic, trace_scales)
 from ..errors import CurvatureScaleError, LinearisationError, NonFiniteError, UnsupportedTrainingError
 from ..lbfgs import lbfgs
 from ..optimizers import StepRule
@@ -34,6 +34,12 @@ LINEARITY_LIMIT = 15.0
 # diagonal there (no eigendecomposition per call); measured the same as the retained factors' own
 # eigenbasis on mnist5k (3 seeds, 10/30/50 %: rel-L2 0.632/0.651/0.712 against 0.632/0.650/0.712).
 LOGGED_BASIS = True
+# Directional calibration of the trajectory's K-FAC curvature (docs/math.md §4): α per block from
+# the exact GGN along the recurrence's own error, on at most CALIBRATION_SAMPLES rows of each half
+# of the forget set (needs 2·CALIBRATION_MIN rows), clamped to ALPHA_RANGE.
+CALIBRATION_SAMPLES = 256
+CALIBRATION_MIN = 2
+ALPHA_RANGE = (0.1, 10.0)
 HIGH_RATIO = 0.25  # forget-only trajectories above this share warn: pass retain= (measured, README)
 LINEARITY_MIN_KL = 0.05  # nats per sample (per output position for sequences)
 # ...and whatever the ratio, a mean KL above this is refused: same-recipe retraining moved the
@@ -209,7 +215,7 @@ def kron_pcg(log, layout: Layout, fs: PassSums, n: int, r: int, lam: float, b: t
 def run(model, log, forget, loss_fn, *, mode: str, retain, r: int, max_passes: int, tol: float,
         batch_size: int, device, progress: bool, unstable: str = "raise", allow_adam: bool = False,
         repair_epochs: int | None = None, repair_batch_size: int | None = None, seed: int = 0,
-        linearity_limit: float | None = LINEARITY_LIMIT, comm=None) -> dict:
+        linearity_limit: float | None = LINEARITY_LIMIT, calibrate: bool = True, comm=None) -> dict:
     """Mini-Unlearning on ``model`` (a private copy, modified in place). Returns the result
     fields: mode, passes, grad_evals, certificate, verified (and the trajectory's stability
     diagnostics). ``unstable``: "raise" (default) raises CurvatureScaleError when the logged
@@ -227,6 +233,14 @@ def run(model, log, forget, loss_fn, *, mode: str, retain, r: int, max_passes: i
     ``repair_batch_size`` (default: the training batch size the Recorder saw, else 64), seeded
     by ``seed``. It removes the forget-only trajectory's overshoot at high ratios (docs/math.md,
     "Retained repair"); its cost is counted in ``passes`` and ``grad_evals``.
+
+    Directional calibration (trajectory, ``calibrate=True``, the default; docs/math.md §4): each
+    K-FAC block's curvature is scaled by the exact Gauss-Newton curvature along the error the
+    recurrence builds over K-FAC's, measured split-half on the forget set (each half's error on
+    the other half's rows, at most ``CALIBRATION_SAMPLES`` rows each); the forget passes sum the
+    two halves apart, and a second sweep of the kernels integrates the calibrated error. Its
+    Jacobian products are counted in ``grad_evals``; ``info["stability"]["calibration"]`` holds
+    each block's α. ``calibrate=False`` runs the uncalibrated recurrence (one sweep).
 
     Linearity check (trajectory): one forward-only pass over the forget set at w_a and w_u
     compares the mean KL of their predictions with ½ Δwᵀ F_R Δw from the forget set's K-FAC; a
@@ -277,7 +291,7 @@ def run(model, log, forget, loss_fn, *, mode: str, retain, r: int, max_passes: i
         if epochs and retain is None:
             raise ValueError("repair_epochs > 0 needs the retained data: pass retain=")
         w, stability, fs = _trajectory(model, layout, log, forget, loss_fn, n, r, lam, w_a, segments,
-                                       batch_size, device, progress, unstable, comm)
+                                       batch_size, device, progress, unstable, comm, calibrate)
         _check_finite(w, "trajectory")
         lin = linearity(model, layout, log, w_a, w, forget, batch_size, device, fs)
         stability["linearity"] = lin
@@ -291,8 +305,9 @@ def run(model, log, forget, loss_fn, *, mode: str, retain, r: int, max_passes: i
                 "7-27 test points before KFC's trace calibration; a ResNet falls to 39-68 % test accuracy). The model was not changed. Forget fewer samples per "
                 "call, or use method='retrain'; linearity_limit=None skips this check")
         layout.set(model, w)
-        out = dict(mode="trajectory", passes=len(segments), grad_evals=r * len(segments),
-                   certificate=None, verified=False, stability=stability)
+        calib = stability.get("calibration")
+        out = dict(mode="trajectory", passes=len(segments), grad_evals=r * len(segments)
+                   + (calib["grad_evals"] if calib else 0), certificate=None, verified=False, stability=stability)
         if epochs:
             rep = _repair(model, log, layout, retain, loss_fn, epochs, repair_batch_size, lam, device,
                           progress, seed)
@@ -504,23 +519,54 @@ def _critical(nu_p: torch.Tensor, d, rule: StepRule) -> torch.Tensor:
     return ((keep ** 0.5 - rule.mu ** 0.5) ** 2) / (hd * rule.c) * torch.ones_like(nu_p)
 
 
+def _halves(forget, r: int):
+    """The forget set's even and odd rows (as (X, y) tensors or Subsets), or None when too small
+    for the calibration (fewer than 2 · CALIBRATION_MIN rows)."""
+    from .. import _batches
+    if r < 2 * CALIBRATION_MIN:
+        return None
+    idx = torch.arange(r)
+    return _batches.subset(forget, idx[0::2]), _batches.subset(forget, idx[1::2]), (r + 1) // 2, r // 2
+
+
 def _trajectory(model, layout, log, forget, loss_fn, n, r, lam, w_a, segments, batch_size, device,
-                progress, unstable: str = "raise", comm=None) -> tuple[torch.Tensor, dict, PassSums]:
+                progress, unstable: str = "raise", comm=None, calibrate: bool = True
+                ) -> tuple[torch.Tensor, dict, PassSums]:
     """Integrate the linearised retraining error over the K checkpoints under the recorded
     optimizer, e = w_retrain − w in each block's eigenbasis; w_u = w_a + U e. Plain SGD uses the
-    fused ``contraction_accumulate`` (acc = −e); momentum and Adam carry the 2-state (u, e)."""
+    fused ``contraction_accumulate`` (acc = −e); momentum and Adam carry the 2-state (u, e).
+
+    ``calibrate`` (docs/math.md §4, "Directional calibration"): each K-FAC block's curvature is
+    scaled by α = (exact GGN curvature) / (K-FAC's) along the error the recurrence builds. To
+    keep a sample's own curvature out of the estimate (its gradient is part of the error), the
+    forget passes sum the even and odd rows apart; a first sweep integrates the error driven by
+    each half alone, the exact curvature along each is measured on the other half, and a second
+    sweep (kernels only, on the first sweep's rotated forcings, cached: K × the model's fp32
+    bytes while the call runs) integrates the full error with the calibrated curvature."""
     K = len(segments)
+    halves = _halves(forget, r) if calibrate and log.meta["curvature"] != "exact" else None
+
+    def pass_of(data, w_k, curvature):
+        return forget_pass(model, layout, log, w_k, data, loss_fn, curvature=curvature,
+                           batch_size=batch_size, device=device, comm=comm)
 
     def delta(k, curvature):
+        """The forcing at checkpoint k, and (calibrating) each half's own forcing, scaled to r rows."""
         w_k = segment_weights(log, k, w_a)
-        s = forget_pass(model, layout, log, w_k, forget, loss_fn, curvature=curvature,
-                        batch_size=batch_size, device=device, comm=comm)
-        return (r * log.row("ckpt/grad", k).to(device) - s.grad) / (n - r), s
+        base = (r / (n - r)) * log.row("ckpt/grad", k).to(device)
+        if halves is None:
+            s = pass_of(forget, w_k, curvature)
+            return base - s.grad / (n - r), s, None
+        fa, fb, ra, rb = halves
+        sa, sb = pass_of(fa, w_k, curvature), pass_of(fb, w_k, curvature)
+        s = sa + sb
+        return (base - s.grad / (n - r), s,
+                (base - sa.grad * (r / ra / (n - r)), base - sb.grad * (r / rb / (n - r))))
 
     block_groups, diag_groups = _block_groups(log, layout)
     bar = tqdm(total=K, desc="mini_unlearn: checkpoint forget passes", disable=not progress, leave=False)
     # The last checkpoint's pass also gives the forget curvature, so P costs no extra pass.
-    d_last, fs = delta(K - 1, curvature=True)
+    d_last, fs, h_last = delta(K - 1, curvature=True)
     bar.update(1)
     P = preconditioner(log, layout, fs, n, r, lam, device, diag_groups=diag_groups,
                        logged_basis=LOGGED_BASIS)
@@ -533,9 +579,13 @@ def _trajectory(model, layout, log, forget, loss_fn, n, r, lam, w_a, segments, b
                                 for g in range(len(seg.get("groups", [0])))
                                 for rule, _ in _runs_of(log, seg, g, lam))
     bases = [_Basis(b, log.row("ckpt/d", K - 1).to(device) if precond else None) for b in P.blocks]
+    nkron = len(_blocks(log))
     names = [b.module for b in _blocks(log)]
     names += [f"diagonal group {g}" for g in groups[len(names):]]
-    states = [(torch.zeros_like(bs.nu), torch.zeros_like(bs.nu)) for bs in bases]
+    # calibrated: the K-FAC blocks of an unpreconditioned recurrence (diagonal blocks are exact)
+    calibrated = [halves is not None and i < nkron and not bs.white for i, bs in enumerate(bases)]
+    if not any(calibrated):
+        halves = None
     spectra = _segment_spectra(log, P, device) if (log.meta.get("segment_spectra") and not precond) else None
     clip = unstable == "clip"
     # The stability verdict stays on the device until the loop ends: one host sync, not one per run.
@@ -546,48 +596,113 @@ def _trajectory(model, layout, log, forget, loss_fn, n, r, lam, w_a, segments, b
     # data-parallel, and the owners broadcast their block's error at the end.
     owners = comm.owners([float(bs.nu.numel()) for bs in bases]) if comm is not None else None
     mine = [owners is None or o == comm.rank for o in (owners or [None] * len(bases))]
+
+    def zeros():
+        return [(torch.zeros_like(bs.nu), torch.zeros_like(bs.nu)) for bs in bases]
+
+    memo: dict = {}
+
+    def curvature_of(i, bs, k, rule, nu, dm, alpha, verdict):
+        """The run's per-element curvature (None: the outer-product kernels apply as they are),
+        with the stability verdict; memoised while it cannot change (same block and rule, fixed
+        spectrum and no per-segment preconditioner)."""
+        key = (i, rule, alpha is not None) if (not spectra and dm is None) else None
+        if key is not None and key in memo:
+            return memo[key]  # its verdict is in already
+        nu_p = nu + rule.lam * bs.decay_weight
+        rho = _rho(nu_p, dm, rule)
+        bad = rho >= 1.0 + 1e-6
+        if verdict:
+            worst[i] = torch.maximum(worst[i], rho.max())
+            if clip:
+                clipped[i] += bad.sum()
+        if clip:  # directions where training would have diverged: critically damped
+            nu_p = torch.where(bad, _critical(nu_p, dm, rule), nu_p)
+        flat = clip or bs.white
+        if alpha is not None and calibrated[i]:
+            # the scaled curvature; a direction the scale alone would push past stability (the
+            # logged curvature was stable there) is critically damped instead
+            nu_s = alpha[i] * nu + rule.lam * bs.decay_weight
+            over = (_rho(nu_s, dm, rule) >= 1.0 + 1e-6) & ~bad
+            nu_p = torch.where(over, torch.maximum(nu_p, _critical(nu_p, dm, rule)), torch.where(bad, nu_p, nu_s))
+            flat = True
+        out = nu_p.reshape(-1).contiguous() if flat else None
+        if key is not None:
+            memo[key] = out
+        return out
+
+    def advance(i, bs, k, seg, x, state, dflat, alpha=None, verdict=True):
+        """Block i's state through segment k under the rotated forcing x; curvature × alpha[i]."""
+        if spectra:
+            s_out, s_in = spectra(k, i)
+            nu = s_out[:, None] * s_in[None, :]
+        else:
+            s_out, s_in, nu = bs.s_out, bs.s_in, bs.nu
+        dm = bs.precond(dflat)
+        u, e = state
+        for rule, steps in _runs_of(log, seg, groups[i], lam):
+            nu_f = curvature_of(i, bs, k, rule, nu, dm, alpha, verdict)
+            if nu_f is not None and plain and dm is None:  # per-element curvature, plain SGD
+                acc = -e
+                ops.contraction_accumulate(acc.view(-1, 1), x.reshape(-1, 1), nu_f, torch.ones(1, device=device),
+                                           lam=0.0, eta=rule.eta, steps=steps)
+                e.copy_(-acc)
+            elif nu_f is not None:  # per-element curvature: the same fused kernel on flat views
+                ops.contraction2_accumulate(u.view(-1, 1), e.view(-1, 1), x.reshape(-1, 1), nu_f,
+                                            torch.ones(1, device=device),
+                                            None if dm is None else dm.reshape(-1, 1), lam=0.0,
+                                            lam_dec=rule.lam_dec, eta=rule.eta, mu=rule.mu, c=rule.c,
+                                            nesterov=rule.nesterov, steps=steps)
+            elif plain:
+                acc = -e
+                ops.contraction_accumulate(acc, x, s_out.contiguous(), s_in.contiguous(), lam=rule.lam,
+                                           eta=rule.eta, steps=steps)
+                e.copy_(-acc)
+            else:  # the fused 2-state kernel
+                ops.contraction2_accumulate(u, e, x, s_out.contiguous(), s_in.contiguous(), dm,
+                                            lam=rule.lam, lam_dec=rule.lam_dec, eta=rule.eta, mu=rule.mu,
+                                            c=rule.c, nesterov=rule.nesterov, steps=steps)
+
+    # First sweep: the forget passes and the error (uncalibrated), or each half's error with the
+    # full forcing (their row-weighted mean, the recurrence being linear) cached for the second.
+    states = zeros()
+    half_states = (zeros(), zeros()) if halves is not None else None
+    wa_, wb_ = (halves[2] / r, halves[3] / r) if halves is not None else (0.0, 0.0)
+    cache: list[list] = []
     for k, seg in enumerate(segments):
         if k == K - 1:
-            dk = d_last
+            dk, hk = d_last, h_last
         else:
-            dk, _ = delta(k, curvature=False)
+            dk, _, hk = delta(k, curvature=False)
             bar.update(1)
         dflat = log.row("ckpt/d", k).to(device) if precond else None
+        row = []
         for i, bs in enumerate(bases):
             if not mine[i]:
+                row.append(None)
                 continue
-            x = bs.rotate(dk)
-            if spectra:
-                s_out, s_in = spectra(k, i)
-                nu = s_out[:, None] * s_in[None, :]
-            else:
-                s_out, s_in, nu = bs.s_out, bs.s_in, bs.nu
-            dm = bs.precond(dflat)
-            u, e = states[i]
-            for rule, steps in _runs_of(log, seg, groups[i], lam):
-                nu_p = nu + rule.lam * bs.decay_weight
-                rho = _rho(nu_p, dm, rule)
-                worst[i] = torch.maximum(worst[i], rho.max())
-                if clip:  # directions where training would have diverged: critically damped
-                    bad = rho >= 1.0 + 1e-6
-                    clipped[i] += bad.sum()
-                    nu_p = torch.where(bad, _critical(nu_p, dm, rule), nu_p)
-                if clip or bs.white:  # per-element curvature: the same fused kernel on flat views
-                    ops.contraction2_accumulate(u.view(-1, 1), e.view(-1, 1), x.reshape(-1, 1),
-                                                nu_p.reshape(-1).contiguous(), torch.ones(1, device=device),
-                                                None if dm is None else dm.reshape(-1, 1), lam=0.0,
-                                                lam_dec=rule.lam_dec, eta=rule.eta, mu=rule.mu, c=rule.c,
-                                                nesterov=rule.nesterov, steps=steps)
-                elif plain:
-                    acc = -e
-                    ops.contraction_accumulate(acc, x, s_out.contiguous(), s_in.contiguous(), lam=rule.lam,
-                                               eta=rule.eta, steps=steps)
-                    e.copy_(-acc)
-                else:  # the fused 2-state kernel
-                    ops.contraction2_accumulate(u, e, x, s_out.contiguous(), s_in.contiguous(), dm,
-                                                lam=rule.lam, lam_dec=rule.lam_dec, eta=rule.eta, mu=rule.mu,
-                                                c=rule.c, nesterov=rule.nesterov, steps=steps)
+            if halves is None:
+                advance(i, bs, k, seg, bs.rotate(dk), states[i], dflat)
+                continue
+            xa, xb = bs.rotate(hk[0]), bs.rotate(hk[1])
+            advance(i, bs, k, seg, xa, half_states[0][i], dflat)
+            advance(i, bs, k, seg, xb, half_states[1][i], dflat, verdict=False)
+            row.append(wa_ * xa + wb_ * xb)
+        cache.append(row)
     bar.close()
+    calib = None
+    if halves is not None:
+        if owners is not None:
+            for hs in half_states:
+                for (_, e), o in zip(hs, owners):
+                    comm.from_owner(e, o)
+        alpha, calib = _calibration(model, layout, log, w_a, bases, calibrated, names, half_states, halves,
+                                    loss_fn, batch_size, device)
+        for k, seg in enumerate(segments):  # second sweep: kernels only, calibrated curvature
+            dflat = log.row("ckpt/d", k).to(device) if precond else None
+            for i, bs in enumerate(bases):
+                if mine[i]:
+                    advance(i, bs, k, seg, cache[k][i], states[i], dflat, alpha=alpha, verdict=False)
     if owners is not None:  # every rank gets each block's verdict and error from its owner
         comm.sum_(worst)  # the other ranks hold zeros for blocks they do not own
         comm.sum_(clipped)
@@ -606,7 +721,38 @@ def _trajectory(model, layout, log, forget, loss_fn, n, r, lam, w_a, segments, b
     for bs, (_, e) in zip(bases, states):
         bs.add_back(w, e)
     return w, {"max_rho": max(worst_h, default=0.0), "clipped": int(sum(clipped_h)),
-               "unstable_blocks": unstable_blocks}, fs
+               "unstable_blocks": unstable_blocks, "calibration": calib}, fs
+
+
+def _calibration(model, layout, log, w_a, bases, calibrated, names, half_states, halves, loss_fn,
+                 batch_size, device) -> tuple[list[float], dict]:
+    """Each calibrated block's α = exact GGN curvature / K-FAC curvature along the error the
+    recurrence built, mean of the two cross estimates (half a's error measured on half b's
+    rows and vice versa), clamped to ALPHA_RANGE; 1 where the K-FAC curvature along it is 0."""
+    fa, fb, _, _ = halves
+    train = bool(log.meta.get("train_mode", False))
+    idx = [i for i, c in enumerate(calibrated) if c]
+    layout.set(model, w_a)
+    est, evals = [], 0
+    for own, other in ((0, fb), (1, fa)):
+        dirs, kfac = [], []
+        for i in idx:
+            e = half_states[own][i][1]
+            v = torch.zeros_like(w_a)
+            bases[i].add_back(v, e)
+            dirs.append(v)
+            kfac.append((bases[i].nu * e * e).sum())
+        exact, seen = ggn_quadratic(model, layout, other, loss_fn, dirs, batch_size=batch_size, device=device,
+                                    train_mode=train, max_samples=CALIBRATION_SAMPLES)
+        est.append((exact, torch.stack(kfac)))
+        evals += seen * len(dirs)
+    ratios = [torch.where(k > 0, x / k.clamp_min(1e-30), torch.ones_like(x)) for x, k in est]
+    a = (0.5 * (ratios[0] + ratios[1])).clamp(*ALPHA_RANGE).tolist()
+    alpha = [1.0] * len(bases)
+    for i, v in zip(idx, a):
+        alpha[i] = v
+    return alpha, {"alpha": {names[i]: round(alpha[i], 4) for i in idx},
+                   "halves": [halves[2], halves[3]], "grad_evals": evals}
 
 
 class _Basis:
