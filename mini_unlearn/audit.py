@@ -431,7 +431,7 @@ def run_audit(cfg: AuditConfig, progress: bool = True) -> dict:
                     if name == "mini":
                         kw.update(method="mini", mode="auto")
                     elif name == "mini_retain":
-                        kw.update(method="mini", mode="auto", retain=retain)
+                        kw.update(method="mini", mode="auto", retain=retain, repair_epochs=2)
                     elif name == "retrain":
                         kw.update(method="retrain", recipe=recipes[s], make_model=makes[s],
                                   retain_indices=p["r"])

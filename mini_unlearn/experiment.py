@@ -150,7 +150,7 @@ def _unlearn_ratio(cfg: Config, ctx: dict, ratio: float) -> dict:
     common = dict(indices=f, train_data=(X, y), loss_fn=M.loss_fn)
     kwargs = {
         "mini": dict(log=log, method="mini", mode="auto"),
-        "mini_retain": dict(log=log, method="mini", mode="auto", retain=retain,
+        "mini_retain": dict(log=log, method="mini", mode="auto", retain=retain, repair_epochs=2,
                              max_passes=cfg.refresh_passes),
         "deltagrad": dict(log=ctx["log_all"], method="deltagrad"),
         "nabla_tau": dict(log=log, method="nabla_tau", retain=retain, val=ctx["val"]),
