@@ -15,7 +15,9 @@ gradients move rel by <= 0.03; replacing K-FAC's eigenvalues by the exact ones i
 changes nothing (0.257): the under-stated contraction comes from K-FAC's eigenbasis (couplings
 the decoupled recurrence drops), not from its eigenvalues, the time of the spectrum or the
 segment-mean gradients. ν·n/(n−r) helps K-FAC but doubles the error of the exact curvature
-(0.105 → 0.215): a probe, not a fix.
+(0.105 → 0.215): a probe, not a fix. The ingredient rows run the uncalibrated recurrence
+(``calibrate=False``); the last row is the default, the directional calibration (docs/math.md §4),
+which scales each block's curvature by the exact GGN's along the recurrence's own error.
 """
 from __future__ import annotations
 
@@ -117,17 +119,20 @@ def study(dataset, ratios, seeds, K=10, kind="mlp", curvature="kfac"):
             accR = (_acc(ref, ds.X_train[f], ds.y_train[f]), _acc(ref, ds.X_test, ds.y_test))
             acc0 = (_acc(model, ds.X_train[f], ds.y_train[f]), _acc(model, ds.X_test, ds.y_test))
             n = ds.n_train
-            runs = [(name, log, 1.0) for name, log in logs.items()]
-            runs.append(("probe nu*n/(n-r)", logs["base"], n / (n - len(f))))
+            # the ingredient swaps on the uncalibrated recurrence, then the default (calibrated)
+            runs = [(name, log, 1.0, False) for name, log in logs.items()]
+            runs.append(("probe nu*n/(n-r)", logs["base"], n / (n - len(f)), False))
+            runs.append(("directional calibration (default)", logs["base"], 1.0, True))
             if kind == "logreg" and curvature == "kfac":
                 from mini_unlearn.curvature import Layout, dense_hessian
                 lg = logs["base"]
                 lay = Layout(lg.param_names, [tuple(s) for s in lg.shapes])
                 H = dense_hessian(model, lay, (ds.X_train[r], ds.y_train[r]), M.loss_fn) / len(r)
-                runs.append(("probe eig-corrected (dense H_R)", logs["base"], None))
-            for name, log, scale in runs:
+                runs.append(("probe eig-corrected (dense H_R)", logs["base"], None, False))
+            for name, log, scale, calibrate in runs:
                 with (_eig_corrected(H) if scale is None else _nu_scaled(scale)):
-                    res = mu.unlearn(model, log, indices=f, loss_fn=M.loss_fn, mode="trajectory")
+                    res = mu.unlearn(model, log, indices=f, loss_fn=M.loss_fn, mode="trajectory",
+                                     calibrate=calibrate)
                 eh = _vec(res.model) - w_a
                 accU = (_acc(res.model, ds.X_train[f], ds.y_train[f]), _acc(res.model, ds.X_test, ds.y_test))
                 row = dict(dataset=dataset, kind=kind, curvature=curvature, seed=seed, ratio=ratio, ingredient=name,

@@ -43,6 +43,7 @@ CALIBRATION_SAMPLES = 256
 CALIBRATION_MIN = 2
 ALPHA_RANGE = (0.1, 10.0)
 COUPLING = True
+CALIBRATION_ROUNDS = 1
 LINEARITY_MIN_KL = 0.05  # nats per sample (per output position for sequences)
 # ...and whatever the ratio, a mean KL above this is refused: same-recipe retraining moved the
 # forget set's predictions by at most 0.08 nats in every measured case (a ResNet at 50 %), results
@@ -683,7 +684,7 @@ def _trajectory(model, layout, log, forget, loss_fn, n, r, lam, w_a, segments, b
             xa, xb = bs.rotate(hk[0]), bs.rotate(hk[1])
             advance(i, bs, k, seg, xa, half_states[0][i], dflat)
             advance(i, bs, k, seg, xb, half_states[1][i], dflat, verdict=False)
-            row.append(wa_ * xa + wb_ * xb)
+            row.append((xa, xb))
         cache.append(row)
     bar.close()
     calib = None
@@ -694,11 +695,31 @@ def _trajectory(model, layout, log, forget, loss_fn, n, r, lam, w_a, segments, b
                     comm.from_owner(e, o)
         alpha, calib = _calibration(model, layout, log, w_a, bases, calibrated, names, half_states, halves,
                                     loss_fn, batch_size, device)
-        for k, seg in enumerate(segments):  # second sweep: kernels only, calibrated curvature
+        for _ in range(CALIBRATION_ROUNDS - 1):  # re-measure α along the calibrated halves' errors
+            half_states = (zeros(), zeros())
+            memo.clear()
+            for k, seg in enumerate(segments):
+                dflat = log.row("ckpt/d", k).to(device) if precond else None
+                for i, bs in enumerate(bases):
+                    if mine[i]:
+                        for h in (0, 1):
+                            advance(i, bs, k, seg, cache[k][i][h], half_states[h][i], dflat, alpha=alpha,
+                                    verdict=False)
+            if owners is not None:
+                for hs in half_states:
+                    for (_, e), o in zip(hs, owners):
+                        comm.from_owner(e, o)
+            alpha, c2 = _calibration(model, layout, log, w_a, bases, calibrated, names, half_states, halves,
+                                     loss_fn, batch_size, device)
+            c2["grad_evals"] += calib["grad_evals"]
+            calib = c2
+        memo.clear()
+        for k, seg in enumerate(segments):  # final sweep: kernels only, calibrated curvature
             dflat = log.row("ckpt/d", k).to(device) if precond else None
             for i, bs in enumerate(bases):
                 if mine[i]:
-                    advance(i, bs, k, seg, cache[k][i], states[i], dflat, alpha=alpha, verdict=False)
+                    xa, xb = cache[k][i]
+                    advance(i, bs, k, seg, wa_ * xa + wb_ * xb, states[i], dflat, alpha=alpha, verdict=False)
     if owners is not None:  # every rank gets each block's verdict and error from its owner
         comm.sum_(worst)  # the other ranks hold zeros for blocks they do not own
         comm.sum_(clipped)
