@@ -19,6 +19,7 @@ import torch
 import mini_unlearn as mu
 from mini_unlearn import models as M
 from mini_unlearn.data import forget_split, load_dataset
+from mini_unlearn.errors import MiniUnlearnError
 
 RECIPES = {
     "sgd": lambda p: torch.optim.SGD(p, lr=0.1, weight_decay=1e-3),
@@ -79,8 +80,15 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             ref, _ = _train(ds, name, args.epochs, keep=keep, seed=seed)
             t_retrain = time.perf_counter() - t0
-            res = mu.unlearn(model, log, indices=f, loss_fn=M.loss_fn, unstable="clip",
-                             **({"allow_adam": True} if name == "adamw" else {}))
+            try:
+                res = mu.unlearn(model, log, indices=f, loss_fn=M.loss_fn, unstable="clip",
+                                 **({"allow_adam": True} if name == "adamw" else {}))
+            except MiniUnlearnError as exc:  # a refusal is a result: recorded, not dropped
+                rows.append(dict(optimizer=name, seed=seed, ratio=ratio, refused=type(exc).__name__,
+                                 error=str(exc), retrain_seconds=t_retrain))
+                print(f"{name:9s} seed {seed} {ratio:.0%}: refused ({type(exc).__name__}: {str(exc)[:120]})",
+                      flush=True)
+                continue
             Xf, yf = ds.X_train[f], ds.y_train[f]
             row = dict(optimizer=name, seed=seed, ratio=ratio, mode=res.mode, passes=res.passes,
                        rel_l2=float((_vec(res.model) - _vec(ref)).norm() / (_vec(model) - _vec(ref)).norm()),
@@ -98,7 +106,13 @@ def main(argv=None) -> int:
     summary = {}
     for name in args.optimizers.split(","):
         for ratio in map(float, args.ratios.split(",")):
-            rel = torch.tensor([r["rel_l2"] for r in rows if r["optimizer"] == name and r["ratio"] == ratio])
+            rel = torch.tensor([r["rel_l2"] for r in rows if r["optimizer"] == name and r["ratio"] == ratio
+                                and "rel_l2" in r])
+            refused = sum(1 for r in rows if r["optimizer"] == name and r["ratio"] == ratio and "refused" in r)
+            if rel.numel() == 0:
+                summary[f"{name}@{ratio}"] = {"refused": refused}
+                print(f"{name:9s} {ratio:.0%}: refused on all {refused} seeds")
+                continue
             std = float(rel.std()) if rel.numel() > 1 else 0.0
             summary[f"{name}@{ratio}"] = {"rel_mean": float(rel.mean()), "rel_std": std, "runs": rel.numel()}
             print(f"{name:9s} {ratio:.0%}: rel {float(rel.mean()):.3f} ± {std:.3f} over {rel.numel()} seeds")
