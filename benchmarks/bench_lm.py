@@ -88,6 +88,8 @@ def run_method(name: str, model, log, D: dict, f_idx, r_idx, recipe, seed: int) 
     kw: dict = dict(indices=f_idx, loss_fn=lm_loss, method=method, progress=False)
     if name != "mini" and name != "mini(nolin)":
         kw["retain"] = (D["X"][r_idx], D["Y"][r_idx])
+    if name == "mini+retain":  # the retained repair (off by default since the directional calibration)
+        kw["repair_epochs"] = 2
     if name == "mini(nolin)":
         kw["linearity_limit"] = None
     if method != "mini":
