@@ -350,3 +350,29 @@ def test_dead_units_in_a_trained_cnn_give_finite_factors():
         for side in ("A", "G"):
             ev, U = C.eigh_psd(getattr(s, side)[b.module] / 16, name=f"{b.module}/{side}")
             assert torch.isfinite(ev).all() and torch.isfinite(U).all()
+
+
+def test_ggn_quadratic_is_the_dense_curvature_of_a_linear_model_and_runs_through_batchnorm():
+    """For a linear model under cross-entropy the Gauss-Newton matrix is the Hessian: the
+    forward-mode quadratic vᵀ G v (mean over the samples) equals vᵀ H v / n from the dense
+    Hessian, direction by direction; max_samples truncates to the first rows. Through a train-mode
+    BatchNorm it runs and leaves the buffers untouched."""
+    torch.manual_seed(0)
+    model = nn.Linear(6, 4)
+    X, y = torch.randn(40, 6), torch.randint(0, 4, (40,))
+    lay = C.Layout.of(model)
+    H = C.dense_hessian(model, lay, (X, y), F.cross_entropy)
+    dirs = [torch.randn(lay.numel) for _ in range(3)]
+    q, seen = C.ggn_quadratic(model, lay, (X, y), F.cross_entropy, dirs, batch_size=16)
+    assert seen == 40
+    want = torch.stack([v @ H @ v / 40 for v in dirs])
+    assert torch.allclose(q, want, rtol=1e-4), (q, want)
+    q10, seen10 = C.ggn_quadratic(model, lay, (X, y), F.cross_entropy, dirs[:1], batch_size=16, max_samples=10)
+    H10 = C.dense_hessian(model, lay, (X[:10], y[:10]), F.cross_entropy)
+    assert seen10 == 10 and torch.allclose(q10[0], dirs[0] @ H10 @ dirs[0] / 10, rtol=1e-4)
+    bn = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 4)).train()
+    before = copy.deepcopy(bn.state_dict())
+    lay = C.Layout.of(bn)
+    q, _ = C.ggn_quadratic(bn, lay, (X, y), F.cross_entropy, [torch.randn(lay.numel)], batch_size=16,
+                           train_mode=True)
+    assert q.item() > 0 and all(torch.equal(v, bn.state_dict()[k]) for k, v in before.items())

@@ -152,3 +152,52 @@ def test_default_at_half_the_data_and_the_retained_repair():
     assert torch.isfinite(vec(rep.model)).all()
     with pytest.raises(ValueError, match="retain"):  # the repair needs the retained data
         mu.unlearn(run.model, run.log, indices=f, loss_fn=M.loss_fn, repair_epochs=1)
+
+
+class _NoForwardAD(torch.autograd.Function):
+    """ReLU with a backward but no forward derivative (no jvp)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.clamp_min(0)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * (x > 0)
+
+
+class _Act(torch.nn.Module):
+    def forward(self, x):
+        return _NoForwardAD.apply(x)
+
+
+def test_calibration_reports_alpha_and_refuses_a_layer_without_forward_derivative():
+    """The calibration's α per K-FAC block is reported; a model whose forward has no forward-mode
+    derivative makes the default trajectory raise UnsupportedTrainingError naming calibrate=False
+    (which then runs), with the caller's model untouched."""
+    run = sgd_run("mlp")
+    f, _ = forget_split(run.ds.n_train, 0.3, seed=1)
+    res = mu.unlearn(run.model, run.log, indices=f, loss_fn=M.loss_fn)
+    alpha = res.info["stability"]["calibration"]["alpha"]
+    assert set(alpha) == {b["module"] for b in run.log.meta["kron_blocks"]}
+    assert all(mini.ALPHA_RANGE[0] <= a <= mini.ALPHA_RANGE[1] for a in alpha.values())
+    torch.manual_seed(0)
+    X, y = torch.randn(64, 5), torch.randint(0, 3, (64,))
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), _Act(), torch.nn.Linear(8, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = mu.Recorder(model, checkpoints=2, total_steps=8).attach(opt)
+    for s in range(8):
+        idx = torch.arange(8 * s, 8 * s + 8)
+        opt.zero_grad()
+        M.loss_fn(model(X[idx]), y[idx]).backward()
+        opt.step()
+    log = rec.finalize((X, y), M.loss_fn, progress=False)
+    before = vec(model).clone()
+    with pytest.raises(mu.UnsupportedTrainingError, match="calibrate=False"):
+        mu.unlearn(model, log, forget=(X[:16], y[:16]), loss_fn=M.loss_fn, mode="trajectory")
+    assert torch.equal(vec(model), before)
+    res = mu.unlearn(model, log, forget=(X[:16], y[:16]), loss_fn=M.loss_fn, mode="trajectory", calibrate=False,
+                     linearity_limit=None)
+    assert res.info["stability"]["calibration"] is None and torch.isfinite(vec(res.model)).all()

@@ -408,17 +408,19 @@ def ggn_quadratic(model: nn.Module, layout: Layout, data, loss_fn, directions: l
                   max_samples: int | None = None) -> tuple[torch.Tensor, int]:
     """The exact Gauss-Newton curvature of the mean loss along each flat direction v, the mean over
     the samples of ``data`` of (J v)ᵀ ∇²_f ℓ (J v) (J: the outputs' Jacobian at the model's
-    current parameters), by one forward-mode Jacobian product per direction and batch; any loss
+    current parameters), by forward-mode Jacobian products (all directions of a batch in one
+    vmapped pass); any loss
     (its Hessian in the outputs comes from autograd), over the first ``max_samples`` samples
     (all by default). Normalisation layers as in :func:`data_pass`
     (``train_mode``; buffers untouched). Returns the means (float32, [len(directions)]) and the
     number of samples they are over."""
-    from torch.func import functional_call, grad, jvp
+    from torch.func import functional_call, grad, jvp, vmap
 
     named = dict(model.named_parameters())
     fixed = {k: v.detach() for k, v in named.items() if k not in layout.index}
     w0 = layout.get(model).detach()
     dirs = [v.to(w0) for v in directions]
+    V = torch.stack(dirs)
     out = torch.zeros(len(dirs), dtype=torch.float64, device=w0.device)
     seen = 0
     # forward-mode AD: scaled_dot_product_attention's fused CPU/GPU kernels have no forward
@@ -435,10 +437,10 @@ def ggn_quadratic(model: nn.Module, layout: Layout, data, loss_fn, directions: l
             def total(o, yb=yb, b=xb.shape[0]):
                 return loss_fn(o, yb) * b
 
-            for i, v in enumerate(dirs):
-                o, jv = jvp(f, (w0,), (v,))
-                _, hjv = jvp(grad(total), (o,), (jv,))
-                out[i] += (hjv.double() * jv.double()).sum()
+            # all directions in one batched forward-mode pass (the primal runs once)
+            o, JV = vmap(lambda v: jvp(f, (w0,), (v,)), out_dims=(None, 0))(V)
+            HJV = vmap(lambda t: jvp(grad(total), (o,), (t,))[1])(JV)
+            out += (HJV.double() * JV.double()).reshape(len(dirs), -1).sum(1)
             seen += xb.shape[0]
             if max_samples is not None and seen >= max_samples:
                 break

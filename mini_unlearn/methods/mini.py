@@ -13,7 +13,8 @@ from tqdm.auto import tqdm
 from .. import ops
 from ..curvature import (EigenBlock, KronBlock, Layout, PassSums, Preconditioner, data_pass,
                          dense_hessian, eigh_psd, ggn_quadratic, trace_scales)
-from ..errors import CurvatureScaleError, LinearisationError, NonFiniteError, UnsupportedTrainingError
+from ..errors import (CurvatureScaleError, LinearisationError, MiniUnlearnError, NonFiniteError,
+                      UnsupportedTrainingError)
 from ..lbfgs import lbfgs
 from ..optimizers import StepRule
 from ..recorder import segment_weights
@@ -744,8 +745,20 @@ def _calibration(model, layout, log, w_a, bases, calibrated, names, half_states,
             kfac.append((bases[i].nu * e * e).sum())
         if COUPLING and len(dirs) > 1:
             dirs.append(torch.stack(dirs).sum(0))
-        exact, seen = ggn_quadratic(model, layout, other, loss_fn, dirs, batch_size=batch_size, device=device,
-                                    train_mode=train, max_samples=CALIBRATION_SAMPLES)
+        try:
+            exact, seen = ggn_quadratic(model, layout, other, loss_fn, dirs, batch_size=batch_size,
+                                        device=device, train_mode=train, max_samples=CALIBRATION_SAMPLES)
+        except (NotImplementedError, RuntimeError) as exc:
+            if isinstance(exc, MiniUnlearnError):
+                raise
+            raise UnsupportedTrainingError(
+                f"the trajectory's directional calibration needs forward-mode Jacobian products through the "
+                f"model, and they failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}): a layer "
+                "without a forward derivative. Pass calibrate=False for the uncalibrated trajectory (measured "
+                "further from retraining at high ratios, docs/math.md §4), or give the layer one") from exc
+        if not torch.isfinite(exact).all():
+            raise NonFiniteError("the directional calibration's exact curvature is NaN/Inf: check the model and "
+                                 "the forget set; calibrate=False skips it")
         if COUPLING and len(idx) > 1:  # the blocks' cross terms: whole / sum of the blocks' own
             exact = exact[:-1] * (exact[-1] / exact[:-1].sum().clamp_min(1e-30))
         est.append((exact, torch.stack(kfac)))
