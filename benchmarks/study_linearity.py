@@ -37,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import mini_unlearn as mu  # noqa: E402
 from mini_unlearn import models as M  # noqa: E402
 from mini_unlearn.curvature import Layout, recalibrate_norm_stats  # noqa: E402
+from mini_unlearn.curvature import ggn_quadratic as ggn_q  # noqa: E402
 from mini_unlearn.data import forget_split, load_dataset, train_subset  # noqa: E402
 from mini_unlearn.methods.mini import forget_pass, linearity  # noqa: E402
 from mini_unlearn.recorder import segment_weights  # noqa: E402
@@ -62,27 +63,14 @@ def _rel(st, ref, i: int) -> float:
     return sum(float((a[i] - b[i]).norm()) for a, b in zip(st, ref)) / sum(float(b[i].norm()) for b in ref)
 
 
-def ggn_quadratic(model, layout, w0, dw, X, train_mode: bool, batch_size: int = 64) -> float:
+def ggn_quadratic(model, layout, w0, dw, X, y, train_mode: bool, batch_size: int = 64) -> float:
     """½ · mean over the samples of (J Δw)ᵀ H_out (J Δw) at w0: the exact GGN (= second-order KL)
-    quadratic model of the step Δw, by forward-mode products (torch.func.jvp), normalisation
+    quadratic model of the step Δw (``mini_unlearn.curvature.ggn_quadratic``), normalisation
     layers in training's mode, in batches of ``batch_size``."""
-    from torch.func import functional_call, jvp
-
-    from mini_unlearn.curvature import pass_mode
-
     m = copy.deepcopy(model)
     layout.set(m, w0)
-    params = {k: v.detach() for k, v in m.named_parameters()}
-    tangents = {k: dw[layout.slice(k)].view_as(params[k]) for k in layout.names}
-    total = 0.0
-    with pass_mode(m, train_mode):
-        for s in range(0, len(X), batch_size):
-            x = X[s:s + batch_size]
-            out, jv = jvp(lambda p: functional_call(m, {**params, **p}, (x,)),
-                          ({k: params[k] for k in layout.names},), (tangents,))
-            p = torch.softmax(out, -1)
-            total += 0.5 * float(((p * jv ** 2).sum(-1) - (p * jv).sum(-1) ** 2).sum())
-    return total / len(X)
+    q, _ = ggn_q(m, layout, (X, y), M.loss_fn, [dw], batch_size=batch_size, train_mode=train_mode)
+    return 0.5 * float(q[0])
 
 
 def _setup(kind: str):
@@ -122,7 +110,7 @@ def study(kind: str) -> list[dict]:
                          curvature=True, batch_size=bs, device=w_a.device)
         lin_R = linearity(probe, layout, log, w_a, log.flatten(ref), (X[f], y[f]), bs, w_a.device, fs)
         train = bool(log.meta.get("train_mode", False)) and kind != "mlp"
-        quad = {k: ggn_quadratic(model, layout, w_a, log.flatten(m) - w_a, X[f], train)
+        quad = {k: ggn_quadratic(model, layout, w_a, log.flatten(m) - w_a, X[f], y[f], train)
                 for k, m in (("mini", res.model), ("retrain", ref))}
         row = dict(model=kind, ratio=ratio, ggn_quadratic=quad,
                    forget_acc={k: _acc(m, X[f], y[f]) for k, m in (("original", model), ("mini", res.model),

@@ -380,21 +380,34 @@ def _diag_vmap(model: nn.Module, names: list[str], x: torch.Tensor, vs) -> torch
     return torch.cat([t.reshape(-1) for t in total])
 
 
+def _flat_forward(model: nn.Module, layout: Layout):
+    """``forward(w, x)``: the model's output with its recorded parameters taken from the flat
+    vector ``w`` (the others as they are), for torch.func transforms."""
+    from torch.func import functional_call
+
+    named = dict(model.named_parameters())
+    fixed = {k: v.detach() for k, v in named.items() if k not in layout.index}
+
+    def forward(w: torch.Tensor, x):
+        p = {n: w[layout.slice(n)].view(s).to(named[n].dtype) for n, s in zip(layout.names, layout.shapes)}
+        return functional_call(model, {**fixed, **p}, (x,))
+
+    return forward
+
+
 def dense_hessian(model: nn.Module, layout: Layout, data, loss_fn, batch_size: int = 512,
                   device=None, train_mode: bool | None = None) -> torch.Tensor:
     """Σ_i ∇²ℓ_i over ``data`` w.r.t. the flat parameters (for d ≤ 4096: an exactness oracle).
     Normalisation layers as in :func:`data_pass` (``train_mode``; buffers untouched). Through
     train-mode BatchNorm it inherits PyTorch's batch-norm double backward, which was measured
     asymmetric here (non-zero d²L/dγ d(input shift), float64 too): an indicative oracle only."""
-    from torch.func import functional_call, hessian
+    from torch.func import hessian
 
-    named = dict(model.named_parameters())
-    fixed = {k: v.detach() for k, v in named.items() if k not in layout.index}
+    forward = _flat_forward(model, layout)
     w0 = layout.get(model)
 
     def total_loss(w, xb, yb):
-        p = {n: w[layout.slice(n)].view(s).to(named[n].dtype) for n, s in zip(layout.names, layout.shapes)}
-        return loss_fn(functional_call(model, {**fixed, **p}, (xb,)), yb) * xb.shape[0]
+        return loss_fn(forward(w, xb), yb) * xb.shape[0]
 
     H = torch.zeros(layout.numel, layout.numel, device=device)
     with pass_mode(model, train_mode):
@@ -414,33 +427,28 @@ def ggn_quadratic(model: nn.Module, layout: Layout, data, loss_fn, directions: l
     (all by default). Normalisation layers as in :func:`data_pass`
     (``train_mode``; buffers untouched). Returns the means (float32, [len(directions)]) and the
     number of samples they are over."""
-    from torch.func import functional_call, grad, jvp, vmap
+    from torch.func import grad, jvp, vmap
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    named = dict(model.named_parameters())
-    fixed = {k: v.detach() for k, v in named.items() if k not in layout.index}
+    forward = _flat_forward(model, layout)
     w0 = layout.get(model).detach()
-    dirs = [v.to(w0) for v in directions]
-    V = torch.stack(dirs)
-    out = torch.zeros(len(dirs), dtype=torch.float64, device=w0.device)
+    V = torch.stack([v.to(w0) for v in directions])
+    out = torch.zeros(V.shape[0], dtype=torch.float64, device=w0.device)
     seen = 0
     # forward-mode AD: scaled_dot_product_attention's fused CPU/GPU kernels have no forward
     # derivative, its math form does
-    from torch.nn.attention import SDPBackend, sdpa_kernel
     with pass_mode(model, train_mode), torch.no_grad(), sdpa_kernel([SDPBackend.MATH]):
         for xb, yb in batches(data, batch_size, device):
             if max_samples is not None:
                 xb, yb = xb[:max_samples - seen], yb[:max_samples - seen]
-            def f(w, xb=xb):
-                p = {n: w[layout.slice(n)].view(s).to(named[n].dtype) for n, s in zip(layout.names, layout.shapes)}
-                return functional_call(model, {**fixed, **p}, (xb,))
 
             def total(o, yb=yb, b=xb.shape[0]):
                 return loss_fn(o, yb) * b
 
             # all directions in one batched forward-mode pass (the primal runs once)
-            o, JV = vmap(lambda v: jvp(f, (w0,), (v,)), out_dims=(None, 0))(V)
+            o, JV = vmap(lambda v, xb=xb: jvp(lambda w: forward(w, xb), (w0,), (v,)), out_dims=(None, 0))(V)
             HJV = vmap(lambda t: jvp(grad(total), (o,), (t,))[1])(JV)
-            out += (HJV.double() * JV.double()).reshape(len(dirs), -1).sum(1)
+            out += (HJV.double() * JV.double()).reshape(V.shape[0], -1).sum(1)
             seen += xb.shape[0]
             if max_samples is not None and seen >= max_samples:
                 break

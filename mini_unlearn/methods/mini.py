@@ -6,15 +6,13 @@ P = curvature((n·full − forget)/(n − r)) + λI is positive definite by cons
 """
 from __future__ import annotations
 
-
 import torch
 from tqdm.auto import tqdm
 
 from .. import ops
 from ..curvature import (EigenBlock, KronBlock, Layout, PassSums, Preconditioner, data_pass,
                          dense_hessian, eigh_psd, ggn_quadratic, trace_scales)
-from ..errors import (CurvatureScaleError, LinearisationError, MiniUnlearnError, NonFiniteError,
-                      UnsupportedTrainingError)
+from ..errors import CurvatureScaleError, LinearisationError, NonFiniteError, UnsupportedTrainingError
 from ..lbfgs import lbfgs
 from ..optimizers import StepRule
 from ..recorder import segment_weights
@@ -748,14 +746,14 @@ def _calibration(model, layout, log, w_a, bases, calibrated, names, half_states,
         try:
             exact, seen = ggn_quadratic(model, layout, other, loss_fn, dirs, batch_size=batch_size,
                                         device=device, train_mode=train, max_samples=CALIBRATION_SAMPLES)
-        except (NotImplementedError, RuntimeError) as exc:
-            if isinstance(exc, MiniUnlearnError):
-                raise
+        except (NotImplementedError, RuntimeError) as exc:  # torch's "no forward derivative" errors
             raise UnsupportedTrainingError(
                 f"the trajectory's directional calibration needs forward-mode Jacobian products through the "
-                f"model, and they failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}): a layer "
-                "without a forward derivative. Pass calibrate=False for the uncalibrated trajectory (measured "
-                "further from retraining at high ratios, docs/math.md §4), or give the layer one") from exc
+                f"model, and they failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); the usual "
+                "cause is a layer without a forward derivative (an op without a forward-AD formula, or an "
+                "autograd.Function without setup_context/jvp). Pass calibrate=False for the uncalibrated "
+                "trajectory (measured further from retraining at high ratios, docs/math.md §4), or give the "
+                "layer one") from exc
         if not torch.isfinite(exact).all():
             raise NonFiniteError("the directional calibration's exact curvature is NaN/Inf: check the model and "
                                  "the forget set; calibrate=False skips it")
