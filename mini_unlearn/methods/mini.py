@@ -33,7 +33,8 @@ REPAIR_EPOCHS = 0
 LINEARITY_LIMIT = 15.0
 # The trajectory rotates into the log's full-data K-FAC eigenbasis with the retained factors'
 # diagonal there (no eigendecomposition per call); measured the same as the retained factors' own
-# eigenbasis on mnist5k (3 seeds, 10/30/50 %: rel-L2 0.632/0.651/0.712 against 0.632/0.650/0.712).
+# eigenbasis on mnist5k (the README's sweep command, uncalibrated, 3 seeds, 10/30/50 %: rel-L2
+# 0.632/0.651/0.712 against 0.632/0.650/0.712).
 LOGGED_BASIS = True
 # Directional calibration of the trajectory's K-FAC curvature (docs/math.md §4): α per block from
 # the exact GGN along the recurrence's own error, on at most CALIBRATION_SAMPLES rows of each half
@@ -42,8 +43,9 @@ CALIBRATION_SAMPLES = 256
 CALIBRATION_MIN = 2
 ALPHA_RANGE = (0.01, 100.0)  # a safety net: measured α 1.3-2.5 (MLPs), up to 44 (a ResNet), 66 (a GPT)
 # ...times κ, the exact GGN along the whole error over the sum along the blocks' parts (the cross
-# terms the block-diagonal recurrence drops; measured: MLPs 0.68 -> 0.55 mean Avg.Gap over 9 cells,
-# a ResNet at 30/50 % 60/49 -> 76/69 % test accuracy, retraining 80/78 %)
+# terms the block-diagonal recurrence drops; measured with COUPLING = False in the README's MLP
+# sweeps and study_linearity: MLPs 0.68 -> 0.55 mean Avg.Gap over 9 cells, a ResNet at 30/50 %
+# 60/49 -> 76/69 % test accuracy with α clamped at 10, retraining 80/78 %)
 COUPLING = True
 LINEARITY_MIN_KL = 0.05  # nats per sample (per output position for sequences)
 # ...and whatever the ratio, a mean KL above this is refused: same-recipe retraining moved the
