@@ -6,7 +6,7 @@
 // a and c come from binary powering on q = 1 - (1-z)^k and s = sum_{m<k} (1-z)^m:
 //   k -> 2k :  s <- s (2 - q),  q <- q (2 - q)
 //   k -> k+1:  s <- s + (1 - q), q <- q + z (1 - q)
-// Only + and *: no cancellation when z is tiny (c -> eta L exactly as nu' -> 0, no 0/0), exact
+// Only +, * and fused multiply-adds (common.h's fmadd): no cancellation when z is tiny (c -> eta L exactly as nu' -> 0, no 0/0), exact
 // algebra when z >= 1 (1 - z <= 0), and it vectorises (the bit pattern of L is uniform).
 #pragma once
 #include "common.h"
@@ -24,7 +24,7 @@ template <typename T>
 HOST_DEVICE void contraction_increment(T& q, T& s, T z) {
   T u = T(1.f) - q;
   s = s + u;
-  q = q + z * u;
+  q = fmadd(z, u, q);
 }
 
 // Number of significant bits of L (the loop runs from the top bit down).
@@ -47,7 +47,7 @@ HOST_DEVICE void contraction_coeffs(float nu, float eta, int64_t steps, float& a
 
 template <typename T>
 HOST_DEVICE T contraction_apply(T acc, T x, T a, T c) {
-  return a * acc + c * x;
+  return fmadd(a, acc, c * x);
 }
 
 }  // namespace mini_unlearn

@@ -17,7 +17,8 @@
 //   k -> 2k :  T = 2I - Q,  Q <- Q T,  v <- T v        (M^{2k} = (M^k)^2, S_{2k} = (I + M^k) S_k)
 //   k -> k+1:  W = I - Q,   v <- v + W b,  Q <- Q + N W  (S_{k+1} = S_k + M^k, M^{k+1} = M M^k)
 // starting from k = 1 (the top bit of L): Q = N, v = b. No inverse, no division: correct for any
-// M (nu' = 0, repeated or complex eigenvalues), and only + and * so that it vectorises.
+// M (nu' = 0, repeated or complex eigenvalues), and only +, * and fused multiply-adds so that
+// it vectorises.
 // Finally s <- (I - Q) s + v x.
 #pragma once
 #include "contraction.h"
@@ -71,7 +72,7 @@ HOST_DEVICE Contraction2Elem<T> contraction2_elem(T nu, T ed, const Contraction2
   Contraction2Elem<T> m;
   m.n01 = T(0.f) - T(p.c) * nu;
   m.n10 = ed * T(p.gamma);
-  m.n11 = T(p.eta_decay) + ek * nu;
+  m.n11 = fmadd(ek, nu, T(p.eta_decay));
   m.b1 = T(0.f) - ek;
   return m;
 }
@@ -88,47 +89,48 @@ HOST_DEVICE void contraction2_init(const Contraction2Elem<T>& m, const Contracti
   v1 = m.b1;
 }
 
-// k -> 2k: T = 2I - Q, Q <- Q T, v <- T v (Q and T commute: both are polynomials in M).
+// k -> 2k: T = 2I - Q, Q <- Q T, v <- T v (Q and T commute: both are polynomials in M). Each
+// entry is at most one product and one fused multiply-add (common.h's fmadd / fmsub / fnmadd).
 template <typename T>
 HOST_DEVICE void contraction2_double(Contraction2Q<T>& q, T& v0, T& v1) {
   const T t00 = T(2.f) - q.q00;
   const T t11 = T(2.f) - q.q11;
   const T tr = t00 - q.q11;  // 2 - tr Q: (Q T)_01 = q01 (2 - q00 - q11), likewise _10
   const T p = q.q01 * q.q10;
-  const T nv0 = t00 * v0 - q.q01 * v1;
-  const T nv1 = t11 * v1 - q.q10 * v0;
-  q.q00 = q.q00 * t00 - p;
-  q.q11 = q.q11 * t11 - p;
+  const T nv0 = fnmadd(q.q01, v1, t00 * v0);
+  const T nv1 = fnmadd(q.q10, v0, t11 * v1);
+  q.q00 = fmsub(q.q00, t00, p);
+  q.q11 = fmsub(q.q11, t11, p);
   q.q01 = q.q01 * tr;
   q.q10 = q.q10 * tr;
   v0 = nv0;
   v1 = nv1;
 }
 
-// k -> k+1: W = I - Q (= M^k), v <- v + W b, Q <- Q + N W.
+// k -> k+1: W = I - Q (= M^k), v <- v + W b, Q <- Q + N W, as two fused multiply-adds per entry.
 template <typename T>
 HOST_DEVICE void contraction2_increment(Contraction2Q<T>& q, T& v0, T& v1,
                                         const Contraction2Elem<T>& m, const Contraction2Params& p) {
   const T n00 = T(p.n00), b0 = T(p.c);
   const T w00 = T(1.f) - q.q00;
   const T w11 = T(1.f) - q.q11;
-  v0 = v0 + (w00 * b0 - q.q01 * m.b1);
-  v1 = v1 + (w11 * m.b1 - q.q10 * b0);
-  const T r00 = n00 * w00 - m.n01 * q.q10;
-  const T r01 = m.n01 * w11 - n00 * q.q01;
-  const T r10 = m.n10 * w00 - m.n11 * q.q10;
-  const T r11 = m.n11 * w11 - m.n10 * q.q01;
-  q.q00 = q.q00 + r00;
-  q.q01 = q.q01 + r01;
-  q.q10 = q.q10 + r10;
-  q.q11 = q.q11 + r11;
+  v0 = fmadd(w00, b0, fnmadd(q.q01, m.b1, v0));
+  v1 = fmadd(w11, m.b1, fnmadd(q.q10, b0, v1));
+  const T q00 = fmadd(n00, w00, fnmadd(m.n01, q.q10, q.q00));
+  const T q01 = fmadd(m.n01, w11, fnmadd(n00, q.q01, q.q01));
+  const T q10 = fmadd(m.n10, w00, fnmadd(m.n11, q.q10, q.q10));
+  const T q11 = fmadd(m.n11, w11, fnmadd(m.n10, q.q01, q.q11));
+  q.q00 = q00;
+  q.q01 = q01;
+  q.q10 = q10;
+  q.q11 = q11;
 }
 
 // s <- (I - Q) s + v x.
 template <typename T>
 HOST_DEVICE void contraction2_apply(T& u, T& e, T x, const Contraction2Q<T>& q, T v0, T v1) {
-  const T nu_ = (T(1.f) - q.q00) * u - q.q01 * e + v0 * x;
-  const T ne_ = (T(1.f) - q.q11) * e - q.q10 * u + v1 * x;
+  const T nu_ = fmadd(v0, x, fnmadd(q.q01, e, (T(1.f) - q.q00) * u));
+  const T ne_ = fmadd(v1, x, fnmadd(q.q10, u, (T(1.f) - q.q11) * e));
   u = nu_;
   e = ne_;
 }

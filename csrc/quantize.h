@@ -18,6 +18,11 @@ HOST_DEVICE float dequant_step(float absmax, int qmax) {
   return absmax / static_cast<float>(qmax);
 }
 
+// One row's term of dequant_axpy: acc + (coeff_j * step_j) * code, one fused multiply-add.
+HOST_DEVICE float dequant_axpy_step(float acc, float coeff_step, float code) {
+  return fmadd(coeff_step, code, acc);
+}
+
 // Counter-based uniform in [0, 1) for stochastic rounding: the same stream on CPU, CUDA and
 // in the PyTorch reference (lowbias32 hash of the element index mixed with the seed).
 HOST_DEVICE uint32_t hash32(uint32_t x) {

@@ -50,6 +50,11 @@ for steps in (1, 156, 1000):
     c, s = N.quantize_blockwise(torch.randn(37 * 301, generator=g), 4, 64, False, 0)
     N.contraction_accumulate_q(acc, c, s, so, si, 0.0, 0.5, steps, 4, 64)
     add(acc)
+    for nesterov, d in ((False, None), (True, 0.5 + torch.rand(37, 301, generator=g))):
+        u, e = torch.randn(37, 301, generator=g), torch.randn(37, 301, generator=g)
+        N.contraction2_accumulate(u, e, torch.randn(37, 301, generator=g), so, si, d, lam=1e-3,
+                                  lam_dec=0.01, eta=0.05, mu=0.9, c=0.1, nesterov=nesterov, steps=steps)
+        add(u); add(e)
 print(N.cpu_isa())
 print("\n".join(out))
 """

@@ -134,8 +134,16 @@ def test_large_outputs_streaming_path(bits):
     rows, rscales = c[None].repeat(2, 1), s[None].repeat(2, 1)
     y, coeff = x[:m].clone(), torch.tensor([0.5, -2.0])
     got = ops.dequant_axpy(y, rows, rscales, coeff, bits=bits, block=256)
-    w = out
-    assert_equal(got, y + 0.5 * w + (-2.0) * w)  # the kernel's fp32 order: (y + c0 w) + c1 w
+    # the kernel's order, one fused multiply-add per row: fma(c1, code, fma(c0, code, y)) with
+    # c_j = coeff_j * step (fp32); in float64 the products are exact, so this is the fma up to a
+    # double rounding (at most 1 ulp)
+    qmax = 127 if bits == 8 else 7
+    code = reference.dequantize_blockwise(c, torch.full_like(s, qmax), bits, 256, m, torch.float32)
+    step = (s / qmax).repeat_interleave(256)[:m]
+    t = y
+    for cj in coeff:
+        t = ((cj * step).double() * code.double() + t.double()).float()
+    torch.testing.assert_close(got, t, rtol=2 ** -23, atol=0.0)
 
 
 ZMAX = (1e-7, 0.5, 1.0, 1.5, 1.99)  # eta * max nu'; above 1: 1 - eta nu' < 0

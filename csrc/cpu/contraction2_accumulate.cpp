@@ -7,59 +7,28 @@
 #include <cstring>
 #include "simd.h"
 
-// This op keeps gcc's function multi-versioning (an AVX-512 clone picked at load time; the
-// default clone is the -mavx2 -mfma baseline); its inner loop is written on explicit vectors.
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(MU_CLONES)
-#define MU_CLONES __attribute__((target_clones("arch=x86-64-v4", "default")))
-#elif !defined(MU_CLONES)
-#define MU_CLONES
-#endif
-
 namespace mini_unlearn {
 namespace {
-
-// A fixed-width float vector (gcc vector extension: 16 lanes, one zmm register under AVX-512,
-// two ymm under AVX2) with the operators the templates of contraction2.h use, so that the
-// per-element math is the header's, evaluated on 16 elements at a time.
-typedef float mu2_v16f __attribute__((vector_size(64)));
-struct VF {
-  mu2_v16f v;
-  VF() = default;
-  VF(mu2_v16f x) : v(x) {}
-  explicit VF(float f) : v(mu2_v16f{} + f) {}
-  friend VF operator+(VF a, VF b) { return a.v + b.v; }
-  friend VF operator-(VF a, VF b) { return a.v - b.v; }
-  friend VF operator*(VF a, VF b) { return a.v * b.v; }
-};
-constexpr int kLanes = 16;
-
-inline VF load(const float* p) {
-  mu2_v16f r;
-  std::memcpy(&r, p, sizeof r);
-  return r;
-}
-
-inline void store(float* p, VF r) { std::memcpy(p, &r.v, sizeof r.v); }
 
 struct Call {
   Contraction2Params p;
   int nbits;  // steps_bits(p.steps) >= 1
 };
 
-// kChunk vectors (kChunk * 16 consecutive elements) through the whole powering loop in
-// registers: independent chains hide the mul/add latency, and nothing is loaded or stored
-// inside the loop over the bits of `steps`.
-template <int kChunk, bool kHasD>
-__attribute__((always_inline)) inline void contraction2_vectors(float* u, float* e, const float* x,
-                                                                const float* d, const float* s,
-                                                                float s_fixed, const Call& call) {
+// kChunk vectors of W lanes (kChunk * W consecutive elements) through the whole powering loop in
+// registers: independent chains hide the latency of the fused multiply-adds, and nothing is
+// loaded or stored inside the loop over the bits of `steps`.
+template <int W, int kChunk, bool kHasD>
+MU_ALWAYS_INLINE void contraction2_vectors(float* u, float* e, const float* x, const float* d,
+                                           const float* s, float s_fixed, const Call& call) {
+  using V = VF<W>;
   const Contraction2Params& p = call.p;
-  Contraction2Elem<VF> m[kChunk];
-  Contraction2Q<VF> q[kChunk];
-  VF v0[kChunk], v1[kChunk];
+  Contraction2Elem<V> m[kChunk];
+  Contraction2Q<V> q[kChunk];
+  V v0[kChunk], v1[kChunk];
   for (int c = 0; c < kChunk; ++c) {
-    const VF nu = VF(s_fixed) * load(s + c * kLanes) + VF(p.lam);
-    const VF ed = kHasD ? VF(p.eta) * load(d + c * kLanes) : VF(p.eta);
+    const V nu = V(s_fixed) * V::load(s + c * W) + V(p.lam);
+    const V ed = kHasD ? V(p.eta) * V::load(d + c * W) : V(p.eta);
     m[c] = contraction2_elem(nu, ed, p);
     contraction2_init(m[c], p, q[c], v0[c], v1[c]);
   }
@@ -69,26 +38,30 @@ __attribute__((always_inline)) inline void contraction2_vectors(float* u, float*
       for (int c = 0; c < kChunk; ++c) contraction2_increment(q[c], v0[c], v1[c], m[c], p);
   }
   for (int c = 0; c < kChunk; ++c) {
-    VF uu = load(u + c * kLanes), ee = load(e + c * kLanes);
-    contraction2_apply(uu, ee, load(x + c * kLanes), q[c], v0[c], v1[c]);
-    store(u + c * kLanes, uu);
-    store(e + c * kLanes, ee);
+    V uu = V::load(u + c * W), ee = V::load(e + c * W);
+    contraction2_apply(uu, ee, V::load(x + c * W), q[c], v0[c], v1[c]);
+    uu.store(u + c * W);
+    ee.store(e + c * W);
   }
 }
 
-// One tile of n <= kTile elements whose nu' = s_fixed * s[t] + lam: groups of 32 and 16 elements
-// on vectors, the rest with the scalar form (the same operations in the same order, so every
-// element's result is the same whichever path computes it).
-template <bool kHasD>
-__attribute__((always_inline)) inline void contraction2_tile_impl(float* u, float* e, const float* x,
-                                                                  const float* d, const float* s,
-                                                                  float s_fixed, const Call& call,
-                                                                  int64_t n) {
+// Vectors per chunk: as many as the register file holds with every chain live (32 zmm under
+// AVX-512, 16 ymm under AVX2).
+template <int W>
+constexpr int kChunk2 = W == 16 ? 2 : 1;
+
+// One tile of n <= kTile elements whose nu' = s_fixed * s[t] + lam: chunks of vectors, then single
+// vectors, then the scalar form (the same operations in the same order, so every element's result
+// is the same whichever path or ISA computes it).
+template <int W, bool kHasD>
+MU_ALWAYS_INLINE void contraction2_tile_impl(float* u, float* e, const float* x, const float* d,
+                                             const float* s, float s_fixed, const Call& call, int64_t n) {
+  constexpr int C = kChunk2<W>;
   int64_t t = 0;
-  for (; t + 2 * kLanes <= n; t += 2 * kLanes)
-    contraction2_vectors<2, kHasD>(u + t, e + t, x + t, kHasD ? d + t : nullptr, s + t, s_fixed, call);
-  for (; t + kLanes <= n; t += kLanes)
-    contraction2_vectors<1, kHasD>(u + t, e + t, x + t, kHasD ? d + t : nullptr, s + t, s_fixed, call);
+  for (; t + C * W <= n; t += C * W)
+    contraction2_vectors<W, C, kHasD>(u + t, e + t, x + t, kHasD ? d + t : nullptr, s + t, s_fixed, call);
+  for (; t + W <= n; t += W)
+    contraction2_vectors<W, 1, kHasD>(u + t, e + t, x + t, kHasD ? d + t : nullptr, s + t, s_fixed, call);
   for (; t < n; ++t) {
     Contraction2Q<float> q;
     float v0, v1;
@@ -98,11 +71,16 @@ __attribute__((always_inline)) inline void contraction2_tile_impl(float* u, floa
   }
 }
 
-MU_CLONES void contraction2_tile(float* u, float* e, const float* x, const float* d, const float* s,
-                                 float s_fixed, const Call& call, int64_t n) {
-  if (d != nullptr) contraction2_tile_impl<true>(u, e, x, d, s, s_fixed, call, n);
-  else contraction2_tile_impl<false>(u, e, x, d, s, s_fixed, call, n);
+template <int W>
+MU_ALWAYS_INLINE void contraction2_tile_body(float* u, float* e, const float* x, const float* d,
+                                             const float* s, float s_fixed, const Call& call, int64_t n) {
+  if (d != nullptr) contraction2_tile_impl<W, true>(u, e, x, d, s, s_fixed, call, n);
+  else contraction2_tile_impl<W, false>(u, e, x, d, s, s_fixed, call, n);
 }
+MU_ISA_VARIANTS(void, contraction2_tile,
+                (float* u, float* e, const float* x, const float* d, const float* s, float s_fixed,
+                 const Call& call, int64_t n),
+                (u, e, x, d, s, s_fixed, call, n))
 
 void contraction2_accumulate_cpu(const at::Tensor& u, const at::Tensor& e, const at::Tensor& x,
                                  const at::Tensor& s_out, const at::Tensor& s_in,

@@ -15,27 +15,6 @@ struct Segment {
   int nbits;
 };
 
-// A float vector of W lanes (gcc vector extension; W = the native width: 16 under AVX-512,
-// 8 under AVX2, so that one VF is one register) with the operators the shared templates in
-// contraction.h use, so the per-element math is the header's, evaluated on W elements at a time.
-template <int W>
-struct VF {
-  using V = typename Vec<W>::f;
-  V v;
-  VF() = default;
-  MU_ALWAYS_INLINE VF(V x) : v(x) {}
-  MU_ALWAYS_INLINE explicit VF(float f) : v(V{} + f) {}
-  MU_ALWAYS_INLINE friend VF operator+(VF a, VF b) { return VF(a.v + b.v); }
-  MU_ALWAYS_INLINE friend VF operator-(VF a, VF b) { return VF(a.v - b.v); }
-  MU_ALWAYS_INLINE friend VF operator*(VF a, VF b) { return VF(a.v * b.v); }
-  MU_ALWAYS_INLINE static VF load(const float* p) {
-    V x;
-    std::memcpy(&x, p, sizeof x);
-    return VF(x);
-  }
-  MU_ALWAYS_INLINE void store(float* p) const { std::memcpy(p, &v, sizeof v); }
-};
-
 // kChunk vectors (kChunk * W consecutive elements) through the whole powering loop in
 // registers: independent chains hide the mul/add latency, and no loads or stores happen
 // inside the loop over the bits of `steps`.

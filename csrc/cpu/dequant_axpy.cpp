@@ -9,8 +9,9 @@ namespace mini_unlearn {
 namespace {
 
 // y += c_j * w_j for up to four rows per pass over y (y is loaded and stored once). Every path
-// adds the rows in order with separate multiply and add, ((y + c0 w0) + c1 w1) + ..., the
-// same arithmetic as a row-by-row loop, so the result is the same on every ISA and grouping.
+// adds the rows in order, one fused multiply-add each (quantize.h's dequant_axpy_step),
+// fma(c1, w1, fma(c0, w0, y)) ..., the same arithmetic as a row-by-row loop, so the result is
+// the same on every ISA and grouping (and on the GPU).
 #ifdef MU_X86_KERNELS
 template <int R>
 MU_TARGET_AVX512 void axpy_int8_avx512(float* y, const int8_t* const* wp, const float* c, int64_t n) {
@@ -20,12 +21,12 @@ MU_TARGET_AVX512 void axpy_int8_avx512(float* y, const int8_t* const* wp, const 
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
     __m512 t = _mm512_loadu_ps(y + i);
-    for (int r = 0; r < R; ++r) t = _mm512_add_ps(t, _mm512_mul_ps(cv[r], load16_i8_as_f32(w[r] + i)));
+    for (int r = 0; r < R; ++r) t = _mm512_fmadd_ps(cv[r], load16_i8_as_f32(w[r] + i), t);
     _mm512_storeu_ps(y + i, t);
   }
   for (; i < n; ++i) {
     float t = y[i];
-    for (int r = 0; r < R; ++r) t += c[r] * static_cast<float>(w[r][i]);
+    for (int r = 0; r < R; ++r) t = dequant_axpy_step(t, c[r], static_cast<float>(w[r][i]));
     y[i] = t;
   }
 }
@@ -40,13 +41,13 @@ void axpy_int8_avx2(float* y, const int8_t* const* wp, const float* c, int64_t n
     __m256 t = _mm256_loadu_ps(y + i);
     for (int r = 0; r < R; ++r) {
       const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w[r] + i));
-      t = _mm256_add_ps(t, _mm256_mul_ps(cv[r], _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b))));
+      t = _mm256_fmadd_ps(cv[r], _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), t);
     }
     _mm256_storeu_ps(y + i, t);
   }
   for (; i < n; ++i) {
     float t = y[i];
-    for (int r = 0; r < R; ++r) t += c[r] * static_cast<float>(w[r][i]);
+    for (int r = 0; r < R; ++r) t = dequant_axpy_step(t, c[r], static_cast<float>(w[r][i]));
     y[i] = t;
   }
 }
@@ -65,7 +66,7 @@ void axpy_rows_int8(float* y, const int8_t* const* w, const float* c, int rows, 
 #else
   for (int64_t i = 0; i < n; ++i) {
     float t = y[i];
-    for (int r = 0; r < rows; ++r) t += c[r] * static_cast<float>(w[r][i]);
+    for (int r = 0; r < rows; ++r) t = dequant_axpy_step(t, c[r], static_cast<float>(w[r][i]));
     y[i] = t;
   }
 #endif
@@ -73,7 +74,7 @@ void axpy_rows_int8(float* y, const int8_t* const* w, const float* c, int rows, 
 
 template <int W>
 MU_ALWAYS_INLINE void axpy_f32_body(float* y, const float* w, float c, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] += c * w[i];
+  for (int64_t i = 0; i < n; ++i) y[i] = dequant_axpy_step(y[i], c, w[i]);
 }
 MU_ISA_VARIANTS(void, axpy_f32, (float* y, const float* w, float c, int64_t n), (y, w, c, n))
 

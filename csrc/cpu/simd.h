@@ -88,6 +88,49 @@ struct Vec<16> {
   using i = mu_v16i;
 };
 
+// A float vector of W lanes (W = the native width: 16 under AVX-512, 8 under AVX2, so that one VF
+// is one register) with the operators the shared per-element templates (contraction.h,
+// contraction2.h) use, so that their math is evaluated on W elements at a time. fmadd, fmsub and
+// fnmadd are one fused multiply-add per lane, the vector twins of common.h's scalar ones.
+template <int W>
+struct VF {
+  using V = typename Vec<W>::f;
+  V v;
+  VF() = default;
+  MU_ALWAYS_INLINE VF(V x) : v(x) {}
+  MU_ALWAYS_INLINE explicit VF(float f) : v(V{} + f) {}
+  MU_ALWAYS_INLINE friend VF operator+(VF a, VF b) { return VF(a.v + b.v); }
+  MU_ALWAYS_INLINE friend VF operator-(VF a, VF b) { return VF(a.v - b.v); }
+  MU_ALWAYS_INLINE friend VF operator*(VF a, VF b) { return VF(a.v * b.v); }
+  // One vfmadd231ps / vfmsub231ps / vfnmadd231ps of the register's width (ymm, or zmm inside the
+  // AVX-512 clone). Inline assembly because gcc keeps vector mul and add unfused here
+  // (-ffp-contract=off) and refuses to inline the AVX-512 intrinsics into the ISA-neutral
+  // bodies that MU_ISA_VARIANTS clones; elsewhere one correctly rounded fmaf per lane.
+  MU_ALWAYS_INLINE friend VF fmadd(VF a, VF b, VF c) { return fused<0>(a, b, c); }   // a b + c
+  MU_ALWAYS_INLINE friend VF fmsub(VF a, VF b, VF c) { return fused<1>(a, b, c); }   // a b - c
+  MU_ALWAYS_INLINE friend VF fnmadd(VF a, VF b, VF c) { return fused<2>(a, b, c); }  // c - a b
+  template <int kOp>
+  MU_ALWAYS_INLINE static VF fused(VF a, VF b, VF c) {
+#ifdef MU_X86_KERNELS
+    if constexpr (kOp == 0) asm("vfmadd231ps %2, %1, %0" : "+v"(c.v) : "v"(a.v), "vm"(b.v));
+    else if constexpr (kOp == 1) asm("vfmsub231ps %2, %1, %0" : "+v"(c.v) : "v"(a.v), "vm"(b.v));
+    else asm("vfnmadd231ps %2, %1, %0" : "+v"(c.v) : "v"(a.v), "vm"(b.v));
+    return c;
+#else
+    V r;
+    for (int l = 0; l < W; ++l)
+      r[l] = __builtin_fmaf(kOp == 2 ? -a.v[l] : a.v[l], b.v[l], kOp == 1 ? -c.v[l] : c.v[l]);
+    return VF(r);
+#endif
+  }
+  MU_ALWAYS_INLINE static VF load(const float* p) {
+    V x;
+    std::memcpy(&x, p, sizeof x);
+    return VF(x);
+  }
+  MU_ALWAYS_INLINE void store(float* p) const { std::memcpy(p, &v, sizeof v); }
+};
+
 // Elements a tile works on at once: staging buffers of this size stay in L1.
 constexpr int64_t kTile = 256;
 

@@ -2,7 +2,8 @@
 // (u, e) <- M^L (u, e) + S_L b x per element, with M's entries from nu' = s_out[e / d_in] *
 // s_in[e % d_in] + lam and the optional preconditioner d, computed on the fly (contraction2.h).
 // Elementwise grid-stride loop, 8 elements per thread per step; the same values as
-// cpu/contraction2_accumulate.cpp, bit for bit (shared math, --fmad=false).
+// cpu/contraction2_accumulate.cpp, bit for bit (shared math; --fmad=false keeps plain mul/add
+// unfused and the fused multiply-adds are explicit fmaf, as on the CPU).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>

@@ -1,8 +1,8 @@
 // CUDA kernel of dequant_axpy: out = y + sum_j coeff[j] * W_j over k compressed rows, in one
 // pass: each thread holds 8 elements of y in fp32 registers, adds all k rows into them in
 // order j = 0..k-1, then writes them once in y's dtype. The per-element arithmetic and its
-// order match cpu/dequant_axpy.cpp (y += (coeff[j] * step_j) * code), so results agree bit
-// for bit (both builds keep mul and add separate: -ffp-contract=off, --fmad=false).
+// order match cpu/dequant_axpy.cpp (y = fma(coeff[j] * step_j, code, y): quantize.h's
+// dequant_axpy_step, an explicit fused multiply-add on both), so results agree bit for bit.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -35,7 +35,7 @@ __global__ void dequant_axpy_kernel(const scalar_t* __restrict__ y, const uint8_
       cuda::load_codes8(codes + j * row_bytes, e, d, bits, vec_codes, q);
       const float cj = coeff[j] * dequant_step(scales[j * nb + b], qmax);
 #pragma unroll
-      for (int t = 0; t < kVec; ++t) acc[t] += cj * static_cast<float>(q[t]);
+      for (int t = 0; t < kVec; ++t) acc[t] = dequant_axpy_step(acc[t], cj, static_cast<float>(q[t]));
     }
     cuda::store8(out, e, d, vec_y, acc);
   }
