@@ -112,6 +112,13 @@ struct VF {
   template <int kOp>
   MU_ALWAYS_INLINE static VF fused(VF a, VF b, VF c) {
 #ifdef MU_X86_KERNELS
+    if constexpr (W == 8) {  // the baseline's own ISA: intrinsics, which gcc schedules and folds
+      const __m256 x = reinterpret_cast<__m256>(a.v), y = reinterpret_cast<__m256>(b.v),
+                   z = reinterpret_cast<__m256>(c.v);
+      const __m256 r = kOp == 0 ? _mm256_fmadd_ps(x, y, z) : kOp == 1 ? _mm256_fmsub_ps(x, y, z)
+                                                                     : _mm256_fnmadd_ps(x, y, z);
+      return VF(reinterpret_cast<V>(r));
+    }
     if constexpr (kOp == 0) asm("vfmadd231ps %2, %1, %0" : "+v"(c.v) : "v"(a.v), "vm"(b.v));
     else if constexpr (kOp == 1) asm("vfmsub231ps %2, %1, %0" : "+v"(c.v) : "v"(a.v), "vm"(b.v));
     else asm("vfnmadd231ps %2, %1, %0" : "+v"(c.v) : "v"(a.v), "vm"(b.v));
