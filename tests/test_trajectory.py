@@ -201,3 +201,14 @@ def test_calibration_reports_alpha_and_refuses_a_layer_without_forward_derivativ
     res = mu.unlearn(model, log, forget=(X[:16], y[:16]), loss_fn=M.loss_fn, mode="trajectory", calibrate=False,
                      linearity_limit=None)
     assert res.info["stability"]["calibration"] is None and torch.isfinite(vec(res.model)).all()
+
+
+def test_calibration_rows_are_capped_by_output_positions():
+    """A classifier's rows are single predictions (CALIBRATION_SAMPLES rows); a sequence row holds
+    one per token, so fewer rows keep rows × positions within CALIBRATION_POSITIONS."""
+    X = torch.zeros(600, 3)
+    assert mini._calibration_rows((X, torch.zeros(600, dtype=torch.long)), None) == mini.CALIBRATION_SAMPLES
+    tokens = torch.zeros(600, 64, dtype=torch.long)
+    assert mini._calibration_rows((tokens, tokens), None) == mini.CALIBRATION_POSITIONS // 64
+    long_rows = torch.zeros(10, 100_000, dtype=torch.long)
+    assert mini._calibration_rows((long_rows, long_rows), None) == mini.CALIBRATION_MIN
