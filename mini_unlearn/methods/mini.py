@@ -522,6 +522,9 @@ def _rho(nu_p: torch.Tensor, d, rule: StepRule) -> torch.Tensor:
 def _critical(nu_p: torch.Tensor, d, rule: StepRule) -> torch.Tensor:
     """The curvature at which the map is critically damped (fastest contraction)."""
     hd = rule.eta * (1.0 if d is None else d)
+    if not torch.is_tensor(hd) and hd * rule.c == 0.0:
+        # a step of learning rate 0 (a warm-up's first): the curvature does not enter the map
+        return nu_p.clone()
     keep = max(1.0 - rule.eta * rule.lam_dec, 0.0)
     return ((keep ** 0.5 - rule.mu ** 0.5) ** 2) / (hd * rule.c) * torch.ones_like(nu_p)
 
