@@ -289,3 +289,27 @@ def test_warmup_from_zero_learning_rate_runs_with_fine_checkpoints():
     f, _ = forget_split(ds.n_train, 0.1, seed=1)
     res = mu.unlearn(model, log, indices=f, loss_fn=M.loss_fn, mode="trajectory", progress=False)
     assert torch.isfinite(vec(res.model)).all() and res.info["stability"]["max_rho"] <= 1.0 + 1e-6
+
+
+def test_retained_repair_at_a_decayed_learning_rate_warns():
+    """The repair steps at the recorded final rule; after a schedule decayed to ~0 (cosine) that is
+    a no-op, which it says instead of silently returning the trajectory's answer as 'repaired'."""
+    ds = load_dataset("digits", seed=0)
+    model = M.make_model("mlp", ds.num_features, ds.num_classes, seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    steps = 2 * -(-ds.n_train // 64)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    g = torch.Generator().manual_seed(0)
+    rec = mu.Recorder(model, checkpoints=4, total_steps=steps).attach(opt)
+    for _ in range(2):
+        for b in torch.randperm(ds.n_train, generator=g).split(64):
+            opt.zero_grad()
+            M.loss_fn(model(ds.X_train[b]), ds.y_train[b]).backward()
+            opt.step()
+            sched.step()
+    log = rec.finalize((ds.X_train, ds.y_train), M.loss_fn, progress=False)
+    f, r = forget_split(ds.n_train, 0.1, seed=1)
+    kw = dict(indices=f, loss_fn=M.loss_fn, mode="trajectory", progress=False,
+              retain=(ds.X_train[r], ds.y_train[r]), repair_epochs=1)
+    with pytest.warns(UserWarning, match="barely move the model"):
+        mu.unlearn(model, log, **kw)

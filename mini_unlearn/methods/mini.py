@@ -6,6 +6,8 @@ P = curvature((n·full − forget)/(n − r)) + λI is positive definite by cons
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from tqdm.auto import tqdm
 
@@ -23,6 +25,10 @@ from ..recorder import segment_weights
 # the recorded final step rule (before the calibration the repair helped: 2 epochs took mnist5k's
 # 0.72/1.19/1.74 to 0.29/0.72/0.79). repair_epochs=2 still runs it.
 REPAIR_EPOCHS = 0
+# A repair whose final step rule's learning rate is below this fraction of the run's peak warns
+# that it will barely move the model (the GPT benchmark's cosine schedule: mini+retain equal to
+# mini to 0.1 % in every cell, README "Language models").
+REPAIR_MIN_LR = 0.01
 # The trajectory's validity check: the forget set's mean KL(p_wa ‖ p_wu) against its quadratic
 # model ½ Δwᵀ F_R Δw (the forget set's K-FAC, without the directional calibration). Measured
 # (docs/math.md, "linearity check", seed 0, 10/30/50 %): an MLP 8.0/4.4/3.7x, a BatchNorm CNN
@@ -309,8 +315,9 @@ def run(model, log, forget, loss_fn, *, mode: str, retain, r: int, max_passes: i
                 f"above {linearity_limit:g}x (and {LINEARITY_MIN_KL:g} nats), or above {LINEARITY_MAX_KL:g} nats at "
                 "any ratio, the linearised retraining is measured not to hold (a BatchNorm CNN at 30-50 % lost "
                 "7-27 test points before KFC's trace calibration; a ResNet at 30-50 % lands 1.5-5.4 test points below "
-                "retraining). The model was not changed. Forget fewer samples per "
-                "call, or use method='retrain'; linearity_limit=None skips this check")
+                "retraining). The model was not changed. Forget fewer samples per call, record more checkpoints "
+                "(with a learning-rate warm-up, segments shorter than the warm-up: a GPT refused at 30 % with 8 "
+                "answered with 16, README), or use method='retrain'; linearity_limit=None skips this check")
         layout.set(model, w)
         calib = stability.get("calibration")
         out = dict(mode="trajectory", passes=len(segments), grad_evals=r * len(segments)
@@ -428,6 +435,13 @@ def _repair(model, log, layout: Layout, retain, loss_fn, epochs: int, batch_size
                 raise UnsupportedTrainingError("the retained repair steps SGD rules only; this log's "
                                                "optimizer decouples its weight decay (AdamW)")
             ps = [params[nm] for nm in layout.names if group_of[nm] == g]
+            peak = max(float(run[0]) for seg in meta["segments"] for run in seg["groups"][g])
+            if ps and float(eta) < REPAIR_MIN_LR * peak:
+                warnings.warn(
+                    f"the retained repair steps at the recorded final learning rate {float(eta):.3g}, "
+                    f"{float(eta) / peak:.2%} of the run's peak {peak:.3g} (a schedule decayed to ~0, e.g. "
+                    "cosine): it will barely move the model. Leave repair_epochs at 0 for such a schedule",
+                    stacklevel=4)
             if ps:
                 groups.append(dict(params=ps, lr=float(eta), momentum=float(mu), dampening=1.0 - float(c),
                                    nesterov=bool(nesterov) and float(mu) > 0, weight_decay=float(lam_c) + extra))
