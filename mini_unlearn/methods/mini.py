@@ -801,7 +801,7 @@ def _calibration_rows(data, device) -> int:
     many output positions (a sequence), so that rows × positions ≤ CALIBRATION_POSITIONS."""
     from .._batches import batches
     _, y = next(iter(batches(data, 1, device)))
-    positions = max(1, y[0].numel())
+    positions = max(1, y[0].numel()) if torch.is_tensor(y) and y.dim() > 0 else 1
     return max(CALIBRATION_MIN, min(CALIBRATION_SAMPLES, CALIBRATION_POSITIONS // positions))
 
 
