@@ -6,8 +6,9 @@
 // a and c come from binary powering on q = 1 - (1-z)^k and s = sum_{m<k} (1-z)^m:
 //   k -> 2k :  s <- s (2 - q),  q <- q (2 - q)
 //   k -> k+1:  s <- s + (1 - q), q <- q + z (1 - q)
-// Only +, * and fused multiply-adds (common.h's fmadd): no cancellation when z is tiny (c -> eta L exactly as nu' -> 0, no 0/0), exact
-// algebra when z >= 1 (1 - z <= 0), and it vectorises (the bit pattern of L is uniform).
+// Only +, * and fused multiply-adds (common.h's fmadd): no cancellation when z is tiny
+// (c -> eta L exactly as nu' -> 0, no 0/0), exact algebra when z >= 1 (1 - z <= 0), and it
+// vectorises (the bit pattern of L is uniform).
 #pragma once
 #include "common.h"
 

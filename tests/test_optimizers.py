@@ -268,24 +268,31 @@ def test_recorder_device_memory_is_bounded(tmp_path, total_steps):
     assert len(log.meta["segments"]) <= 10 and sum(s["steps"] for s in log.meta["segments"]) == 300
 
 
-def test_warmup_from_zero_learning_rate_runs_with_fine_checkpoints():
-    """A warm-up's first step has lr 0; with checkpoints fine enough that it is a run of its own, the
-    calibrated trajectory's critical-damping curvature must not divide by η = 0 (it raised
-    ZeroDivisionError): the curvature does not enter a zero step."""
+def _digits_momentum_log(schedule, checkpoints):
+    """A digits MLP trained 2 epochs by SGD-momentum under ``schedule(opt, steps)``, recorded."""
     ds = load_dataset("digits", seed=0)
     model = M.make_model("mlp", ds.num_features, ds.num_classes, seed=0)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, s / 20))
-    g = torch.Generator().manual_seed(0)
     steps = 2 * -(-ds.n_train // 64)
-    rec = mu.Recorder(model, checkpoints=steps // 2, total_steps=steps).attach(opt)
+    sched = schedule(opt, steps)
+    g = torch.Generator().manual_seed(0)
+    rec = mu.Recorder(model, checkpoints=checkpoints(steps), total_steps=steps).attach(opt)
     for _ in range(2):
         for b in torch.randperm(ds.n_train, generator=g).split(64):
             opt.zero_grad()
             M.loss_fn(model(ds.X_train[b]), ds.y_train[b]).backward()
             opt.step()
             sched.step()
-    log = rec.finalize((ds.X_train, ds.y_train), M.loss_fn, progress=False)
+    return ds, model, rec.finalize((ds.X_train, ds.y_train), M.loss_fn, progress=False)
+
+
+def test_warmup_from_zero_learning_rate_runs_with_fine_checkpoints():
+    """A warm-up's first step has lr 0; with checkpoints fine enough that it is a run of its own, the
+    calibrated trajectory's critical-damping curvature must not divide by η = 0 (it raised
+    ZeroDivisionError): the curvature does not enter a zero step."""
+    ds, model, log = _digits_momentum_log(
+        lambda opt, steps: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, s / 20)),
+        lambda steps: steps // 2)
     f, _ = forget_split(ds.n_train, 0.1, seed=1)
     res = mu.unlearn(model, log, indices=f, loss_fn=M.loss_fn, mode="trajectory", progress=False)
     assert torch.isfinite(vec(res.model)).all() and res.info["stability"]["max_rho"] <= 1.0 + 1e-6
@@ -294,20 +301,8 @@ def test_warmup_from_zero_learning_rate_runs_with_fine_checkpoints():
 def test_retained_repair_at_a_decayed_learning_rate_warns():
     """The repair steps at the recorded final rule; after a schedule decayed to ~0 (cosine) that is
     a no-op, which it says instead of silently returning the trajectory's answer as 'repaired'."""
-    ds = load_dataset("digits", seed=0)
-    model = M.make_model("mlp", ds.num_features, ds.num_classes, seed=0)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    steps = 2 * -(-ds.n_train // 64)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-    g = torch.Generator().manual_seed(0)
-    rec = mu.Recorder(model, checkpoints=4, total_steps=steps).attach(opt)
-    for _ in range(2):
-        for b in torch.randperm(ds.n_train, generator=g).split(64):
-            opt.zero_grad()
-            M.loss_fn(model(ds.X_train[b]), ds.y_train[b]).backward()
-            opt.step()
-            sched.step()
-    log = rec.finalize((ds.X_train, ds.y_train), M.loss_fn, progress=False)
+    ds, model, log = _digits_momentum_log(
+        lambda opt, steps: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps), lambda steps: 4)
     f, r = forget_split(ds.n_train, 0.1, seed=1)
     kw = dict(indices=f, loss_fn=M.loss_fn, mode="trajectory", progress=False,
               retain=(ds.X_train[r], ds.y_train[r]), repair_epochs=1)

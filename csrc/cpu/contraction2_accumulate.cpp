@@ -4,7 +4,6 @@
 #include <torch/library.h>
 #include "../checks.h"
 #include "../contraction2.h"
-#include <cstring>
 #include "simd.h"
 
 namespace mini_unlearn {
@@ -45,9 +44,9 @@ MU_ALWAYS_INLINE void contraction2_vectors(float* u, float* e, const float* x, c
   }
 }
 
-// Vectors per chunk (measured, single thread, 16M elements, steps 156: AVX-512 1-3 vectors the
-// same, ~38 ms; AVX2 62 / 54 / 52 ms with 1 / 2 / 4, the extra chains' spills to L1 costing less
-// than the latency they hide).
+// Vectors per chunk: AVX-512 is throughput-bound from 1-2 on; AVX2's 16 registers cannot hold 4
+// chains, but their spills to L1 cost less than the latency the extra chains hide (chosen by
+// timing 1, 2 and 4 on one thread; README "Kernels" has the op's measured speed).
 template <int W>
 constexpr int kChunk2 = W == 16 ? 2 : 4;
 

@@ -3,7 +3,6 @@
 #include <torch/library.h>
 #include "../checks.h"
 #include "../contraction.h"
-#include <cstring>
 #include "simd.h"
 
 namespace mini_unlearn {
@@ -42,10 +41,9 @@ MU_ALWAYS_INLINE void contraction_vectors(float* acc, const float* x, const floa
 }
 
 // One tile of n <= kTile elements whose nu' = s_fixed * s[t] + lam: groups of C vectors (C = 4
-// under AVX-512, 8 under AVX2: measured single-thread 14.2 -> 12.4 ms on 16M elements, the
-// latency of the powering chains hidden by more of them), single vectors, the rest with the
-// scalar form (the same operations in the same order,
-// so every element's result is the same whichever path or ISA computes it).
+// under AVX-512, 8 under AVX2, whose narrower vectors need more independent chains to hide the
+// powering's latency), single vectors, the rest with the scalar form (the same operations in the
+// same order, so every element's result is the same whichever path or ISA computes it).
 template <int W>
 MU_ALWAYS_INLINE void contraction_tile_body(float* acc, const float* x, const float* s, float s_fixed,
                                             const Segment& seg, int64_t n) {

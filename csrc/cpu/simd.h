@@ -102,10 +102,10 @@ struct VF {
   MU_ALWAYS_INLINE friend VF operator+(VF a, VF b) { return VF(a.v + b.v); }
   MU_ALWAYS_INLINE friend VF operator-(VF a, VF b) { return VF(a.v - b.v); }
   MU_ALWAYS_INLINE friend VF operator*(VF a, VF b) { return VF(a.v * b.v); }
-  // One vfmadd231ps / vfmsub231ps / vfnmadd231ps of the register's width (ymm, or zmm inside the
-  // AVX-512 clone). Inline assembly because gcc keeps vector mul and add unfused here
-  // (-ffp-contract=off) and refuses to inline the AVX-512 intrinsics into the ISA-neutral
-  // bodies that MU_ISA_VARIANTS clones; elsewhere one correctly rounded fmaf per lane.
+  // One vfmadd231ps / vfmsub231ps / vfnmadd231ps of the register's width: AVX2 intrinsics for
+  // ymm; inline assembly for zmm inside the AVX-512 clone, because gcc keeps vector mul and add
+  // unfused here (-ffp-contract=off) and refuses to inline the AVX-512 intrinsics into the
+  // ISA-neutral bodies that MU_ISA_VARIANTS clones. Off x86: one correctly rounded fmaf per lane.
   MU_ALWAYS_INLINE friend VF fmadd(VF a, VF b, VF c) { return fused<0>(a, b, c); }   // a b + c
   MU_ALWAYS_INLINE friend VF fmsub(VF a, VF b, VF c) { return fused<1>(a, b, c); }   // a b - c
   MU_ALWAYS_INLINE friend VF fnmadd(VF a, VF b, VF c) { return fused<2>(a, b, c); }  // c - a b
@@ -118,11 +118,12 @@ struct VF {
       const __m256 r = kOp == 0 ? _mm256_fmadd_ps(x, y, z) : kOp == 1 ? _mm256_fmsub_ps(x, y, z)
                                                                      : _mm256_fnmadd_ps(x, y, z);
       return VF(reinterpret_cast<V>(r));
+    } else {
+      if constexpr (kOp == 0) asm("vfmadd231ps %2, %1, %0" : "+v"(c.v) : "v"(a.v), "vm"(b.v));
+      else if constexpr (kOp == 1) asm("vfmsub231ps %2, %1, %0" : "+v"(c.v) : "v"(a.v), "vm"(b.v));
+      else asm("vfnmadd231ps %2, %1, %0" : "+v"(c.v) : "v"(a.v), "vm"(b.v));
+      return c;
     }
-    if constexpr (kOp == 0) asm("vfmadd231ps %2, %1, %0" : "+v"(c.v) : "v"(a.v), "vm"(b.v));
-    else if constexpr (kOp == 1) asm("vfmsub231ps %2, %1, %0" : "+v"(c.v) : "v"(a.v), "vm"(b.v));
-    else asm("vfnmadd231ps %2, %1, %0" : "+v"(c.v) : "v"(a.v), "vm"(b.v));
-    return c;
 #else
     V r;
     for (int l = 0; l < W; ++l)
