@@ -88,11 +88,11 @@ def _setup(kind: str):
     return ds, recipe, (lambda: M.make_model(kind, ds.num_features, ds.num_classes, seed=0))
 
 
-def study(kind: str) -> list[dict]:
+def study(kind: str, checkpoints: int = 10) -> list[dict]:
     ds, recipe, fresh = _setup(kind)
     X, y, n = ds.X_train, ds.y_train, ds.n_train
     model = fresh()
-    rec = mu.Recorder(model, checkpoints=10, total_steps=len(M.batch_schedule(n, recipe)))
+    rec = mu.Recorder(model, checkpoints=checkpoints, total_steps=len(M.batch_schedule(n, recipe)))
     M.train(model, X, y, recipe, optimizer_callback=rec.attach)
     log = rec.finalize((X, y), M.loss_fn, progress=False)
     layout = Layout(log.param_names, [tuple(s) for s in log.shapes])
@@ -151,9 +151,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", default="benchmarks/results/study_linearity.json")
     ap.add_argument("--models", default="mlp,cnn", help="comma-separated: mlp, cnn, resnet")
+    ap.add_argument("--checkpoints", type=int, default=10, help="the Recorder's K (default 10)")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
-    rows = [row for kind in args.models.split(",") for row in study(kind)]
+    rows = [row for kind in args.models.split(",") for row in study(kind, args.checkpoints)]
     with open(args.json, "w") as fh:
         json.dump({"rows": rows}, fh, indent=1)
     print(f"wrote {args.json}")
