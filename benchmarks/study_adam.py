@@ -1,6 +1,6 @@
 """Why the trajectory refuses AdamW: which ingredient of its linearisation breaks (docs/math.md §3).
 
-    python -m benchmarks.study_adam [--seeds 0,1,2] [--ratios 0.1,0.5] [--json benchmarks/results/study_adam.json]
+    python -m benchmarks.study_adam [--seeds 0,1,2] [--ratios 0.1,0.5] [--only TEXT] [--json benchmarks/results/study_adam.json]
 
 mnist5k, the 784-128-10 MLP trained with AdamW (lr 1e-3, weight decay 1e-2, batch 64, 6 epochs,
 StepLR ×0.5 every 4 epochs: the recipe of ``benchmarks.bench_optimizers``), and same-recipe
@@ -21,6 +21,13 @@ variant changes one choice:
     delta    mean: the retained minus the full mean gradient (the forget passes' δ) | batch:
              step t's retained-row mean minus its batch mean (which forget rows step t held)
     stats    step: the run's own m_t, v_t, g_t | logged: their segment means (what a log holds)
+
+and ``adapt+noise`` adds to v^R what the smaller retained batch adds to the second moment: a
+batch's mean gradient has variance σ²/B, the retained batch's σ²/(B − f), so v^R gains
+(B/(B − f) − 1)·σ²/B per step, with σ²/B ≈ v̂ − m̂² and f the forgotten rows of step t's batch
+(``adapt+noise_r``: f/B replaced by the forget ratio r, which needs no batch indices).
+``--only TEXT`` runs the variants whose name contains TEXT (``--only noise``:
+benchmarks/results/study_adam_noise.json).
 
 ``exact`` replaces D_t by the exact retained batch gradient at w_t + e_t (that is retraining,
 up to the moments' arithmetic: the harness's floor). Reports rel-L2 = ‖w + e − w^R‖ / ‖w − w^R‖
@@ -49,6 +56,11 @@ VARIANTS = {
     "step/full/mean, v adapts": ("step", "full", "mean", "adapt", "step"),
     "ckpt/full/batch, v adapts": ("ckpt", "full", "batch", "adapt", "step"),
     "ckpt/batch/mean, v adapts": ("ckpt", "batch", "mean", "adapt", "step"),
+    "ckpt/full/mean, v adapts + retained moments, logged stats": ("ckpt", "full", "mean", "adapt+moments", "logged"),
+    "ckpt/full/mean, v adapts + retained moments": ("ckpt", "full", "mean", "adapt+moments", "step"),
+    "ckpt/full/mean, v adapts + batch noise": ("ckpt", "full", "mean", "adapt+noise", "step"),
+    "ckpt/full/mean, v adapts + batch noise, logged stats": ("ckpt", "full", "mean", "adapt+noise", "logged"),
+    "ckpt/full/mean, v adapts + mean batch noise, logged stats": ("ckpt", "full", "mean", "adapt+noise_r", "logged"),
     "ckpt/batch/batch, v adapts": ("ckpt", "batch", "batch", "adapt", "step"),
     "step/batch/batch, fixed d": ("step", "batch", "batch", "fixed", "step"),
     "step/batch/batch, v adapts": ("step", "batch", "batch", "adapt", "step"),
@@ -61,7 +73,7 @@ class Run:
     point, and the GGN / gradient oracles."""
 
     def __init__(self, ds, seed: int, ratio: float):
-        self.ds, self.seed = ds, seed
+        self.ds, self.seed, self.ratio = ds, seed, ratio
         n = ds.n_train
         f_idx, _ = forget_split(n, ratio, seed=seed + 1)
         self.keep = torch.ones(n, dtype=torch.bool)
@@ -82,7 +94,7 @@ class Run:
         for k in range(K):
             wk, part = self.steps[self.seg[k]]["w"], self.steps[self.seg[k]:self.seg[k + 1]]
             self.ckpt.append(dict(
-                w=wk, delta=self.grad(wk, Xr, yr) - self.grad(wk, X, y),
+                w=wk, delta=self.grad(wk, Xr, yr) - self.grad(wk, X, y), s2f=self.sq_grad(wk, X[~self.keep], y[~self.keep]),
                 **{f"{s}bar": torch.stack([st[s] for st in part]).mean(0) for s in ("m", "v", "g")}))
 
     @staticmethod
@@ -127,6 +139,15 @@ class Run:
         _, pull = vjp(lambda ww: self._out(ww, X), w)
         return pull((p * Jv - p * (p * Jv).sum(1, keepdim=True)) / X.shape[0])[0]
 
+    def sq_grad(self, w, X, y, chunk=256):
+        """Mean over the rows of the per-sample gradient squared, per coordinate."""
+        from torch.func import grad, vmap
+        f = lambda ww, x, t: M.loss_fn(self._out(ww, x[None]), t[None])
+        out = torch.zeros_like(w)
+        for i in range(0, len(X), chunk):
+            out += (vmap(grad(f), in_dims=(None, 0, 0))(w, X[i:i + chunk], y[i:i + chunk]) ** 2).sum(0)
+        return out / max(len(X), 1)
+
     def grad(self, w, X, y):
         w = w.clone().requires_grad_(True)
         return torch.autograd.grad(M.loss_fn(self._out(w, X), y), w)[0]
@@ -158,7 +179,28 @@ class Run:
                 if adam == "fixed":
                     diff = (u / bc1) / ((v / bc2).sqrt() + EPS)
                 else:
-                    uv = b2 * uv + (1 - b2) * (2 * g * D + D * D)
+                    noise = 0.0
+                    if adam == "adapt+moments":
+                        # v^R − v = (μ_R² − μ²) [the 2gD + D² term] + var_R/B_R − var/B, var/B ≈ v̂ − m̂²,
+                        # S2 = var + μ², S2_R = (n·S2 − r·S2_F)/(n − r), var_R = S2_R − μ_R²
+                        nb, f = len(b), len(b) - len(br)
+                        n, r = len(self.keep), int((~self.keep).sum())
+                        mu = m / bc1
+                        var_b = (v / bc2 - mu ** 2).clamp_min(0)
+                        s2 = nb * var_b + mu ** 2
+                        s2r = (n * s2 - r * c["s2f"]) / (n - r)
+                        mur = mu + c["delta"]
+                        var_r = (s2r - mur ** 2).clamp_min(0)
+                        noise = var_r / max(nb - f, 1) - var_b
+                    if adam.startswith("adapt+noise"):
+                        # the retained batch is smaller: its mean gradient's variance grows by
+                        # B / (B − f) (f = forget rows in the batch); variance ≈ v̂ − m̂²
+                        nb = len(b)
+                        kappa = (nb / max(nb - (len(b) - len(br)), 1) - 1 if adam == "adapt+noise"
+                                 else self.ratio / (1 - self.ratio))
+                        var = (v / bc2 - (m / bc1) ** 2).clamp_min(0)
+                        noise = kappa * var
+                    uv = b2 * uv + (1 - b2) * (2 * g * D + D * D + noise)
                     vr = (v + uv).clamp_min(0)
                     diff = ((m + u) / bc1) / ((vr / bc2).sqrt() + EPS) - (m / bc1) / ((v / bc2).sqrt() + EPS)
                 e = e * (1 - s["lr"] * WD) - s["lr"] * diff
@@ -171,18 +213,20 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--ratios", default="0.1,0.5")
+    ap.add_argument("--only", default="", help="run only the variants whose name contains this")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
+    variants = {n: s for n, s in VARIANTS.items() if args.only in n}
     torch.manual_seed(0)
     ds = load_dataset("mnist5k", seed=0, preprocess="unit")
     seeds = [int(s) for s in args.seeds.split(",")]
     ratios = [float(r) for r in args.ratios.split(",")]
-    rel = {name: {str(r): [] for r in ratios} for name in VARIANTS}
+    rel = {name: {str(r): [] for r in ratios} for name in variants}
     t0 = time.time()
     for seed in seeds:
         for ratio in ratios:
             run = Run(ds, seed, ratio)
-            for name, spec in VARIANTS.items():
+            for name, spec in variants.items():
                 rel[name][str(ratio)].append(run.simulate(spec))
                 print(f"seed {seed} ratio {ratio:.0%}  {name:52s} rel {rel[name][str(ratio)][-1]:.3f}  "
                       f"({time.time() - t0:.0f}s)", flush=True)
@@ -194,14 +238,14 @@ def main(argv=None) -> int:
 
     print("\n| variant | " + " | ".join(f"rel {r:.0%}" for r in ratios) + " |")
     print("|---|" + "---|" * len(ratios))
-    for name in VARIANTS:
+    for name in variants:
         print(f"| {name} | " + " | ".join(cell(rel[name][str(r)]) for r in ratios) + " |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"recipe": dict(optimizer="AdamW", lr=LR, weight_decay=WD, betas=BETAS, eps=EPS,
                                       epochs=EPOCHS, batch=BATCH, checkpoints=K, data="mnist5k", model="mlp"),
                        "seeds": seeds, "ratios": ratios,
-                       "variants": {n: list(s) if s else None for n, s in VARIANTS.items()},
+                       "variants": {n: list(s) if s else None for n, s in variants.items()},
                        "rel": rel, "seconds": time.time() - t0}, f, indent=2)
     return 0
 
