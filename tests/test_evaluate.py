@@ -120,6 +120,29 @@ def test_evaluate_keys_and_json(digits, memorised):
     assert same["kl_to_retrain"] == pytest.approx(0.0, abs=1e-7)
 
 
+def test_evaluate_runs_each_model_once_per_set(digits, memorised):
+    """evaluate() reuses each (model, set)'s outputs across its metrics, with the same values as
+    the metrics computed one by one."""
+    import mini_unlearn.evaluate as E
+
+    original, retrained, forget, retain = memorised
+    test = (digits.X_test, digits.y_test)
+    calls = {"original": 0, "retrained": 0}
+    hooks = [m.register_forward_hook(lambda *_, k=k: calls.__setitem__(k, calls[k] + 1))
+             for k, m in (("original", original), ("retrained", retrained))]
+    try:
+        out = evaluate(original, forget, retain, test, reference=retrained, original=original)
+        assert calls == {"original": 3, "retrained": 2}  # forget, retain, test; test, forget
+        assert E._LOGITS is None  # nothing kept after the call
+        calls.update(original=0, retrained=0)
+        one_by_one = E._evaluate(original, forget, retain, test, retrained, original, None, None, 0)
+        assert calls["original"] > 3
+    finally:
+        for h in hooks:
+            h.remove()
+    assert out == one_by_one
+
+
 def _confidence_model():
     """Two classes, logits (x0, 0): the class-0 probability of input (a, ·) is sigmoid(a)."""
     m = nn.Linear(2, 2)
