@@ -315,7 +315,11 @@ def evaluate(model: nn.Module, forget: XY, retain: XY, test: XY, reference: nn.M
         return _evaluate(model, forget, retain, test, reference, original, seconds, peak_rss_bytes, seed)
 
 
-def _evaluate(model, forget, retain, test, reference, original, seconds, peak_rss_bytes_, seed):
+def _evaluate(model: nn.Module, forget: XY, retain: XY, test: XY, reference: nn.Module | None,
+              original: nn.Module | None, seconds: float | None, peak_rss_bytes_: int | None,
+              seed: int) -> dict[str, float]:
+    """:func:`evaluate`'s metrics, each computed on its own (outputs reused only inside
+    :func:`_reuse_logits`)."""
     forget_acc = accuracy(model, *forget)
     out: dict[str, float] = {
         "test_acc": accuracy(model, *test),
