@@ -94,7 +94,7 @@ class Run:
         for k in range(K):
             wk, part = self.steps[self.seg[k]]["w"], self.steps[self.seg[k]:self.seg[k + 1]]
             self.ckpt.append(dict(
-                w=wk, delta=self.grad(wk, Xr, yr) - self.grad(wk, X, y), s2f=self.sq_grad(wk, X[~self.keep], y[~self.keep]),
+                w=wk, delta=self.grad(wk, Xr, yr) - self.grad(wk, X, y),
                 **{f"{s}bar": torch.stack([st[s] for st in part]).mean(0) for s in ("m", "v", "g")}))
 
     @staticmethod
@@ -139,14 +139,19 @@ class Run:
         _, pull = vjp(lambda ww: self._out(ww, X), w)
         return pull((p * Jv - p * (p * Jv).sum(1, keepdim=True)) / X.shape[0])[0]
 
-    def sq_grad(self, w, X, y, chunk=256):
-        """Mean over the rows of the per-sample gradient squared, per coordinate."""
-        from torch.func import grad, vmap
-        f = lambda ww, x, t: M.loss_fn(self._out(ww, x[None]), t[None])
-        out = torch.zeros_like(w)
-        for i in range(0, len(X), chunk):
-            out += (vmap(grad(f), in_dims=(None, 0, 0))(w, X[i:i + chunk], y[i:i + chunk]) ** 2).sum(0)
-        return out / max(len(X), 1)
+    def forget_sq_grad(self, k, chunk=256):
+        """Checkpoint k's mean over the forget rows of the per-sample gradient squared, per
+        coordinate (computed when a variant first asks for it)."""
+        c = self.ckpt[k]
+        if "s2f" not in c:
+            from torch.func import grad, vmap
+            X, y = self.ds.X_train[~self.keep], self.ds.y_train[~self.keep]
+            f = lambda ww, x, t: M.loss_fn(self._out(ww, x[None]), t[None])
+            out = torch.zeros_like(c["w"])
+            for i in range(0, len(X), chunk):
+                out += (vmap(grad(f), in_dims=(None, 0, 0))(c["w"], X[i:i + chunk], y[i:i + chunk]) ** 2).sum(0)
+            c["s2f"] = out / max(len(X), 1)
+        return c["s2f"]
 
     def grad(self, w, X, y):
         w = w.clone().requires_grad_(True)
@@ -180,26 +185,22 @@ class Run:
                     diff = (u / bc1) / ((v / bc2).sqrt() + EPS)
                 else:
                     noise = 0.0
+                    if adam != "adapt":
+                        nb, nr = len(b), max(len(br), 1)  # step t's batch and its retained rows
+                        var_b = (v / bc2 - (m / bc1) ** 2).clamp_min(0)  # a batch mean's variance
                     if adam == "adapt+moments":
-                        # v^R − v = (μ_R² − μ²) [the 2gD + D² term] + var_R/B_R − var/B, var/B ≈ v̂ − m̂²,
-                        # S2 = var + μ², S2_R = (n·S2 − r·S2_F)/(n − r), var_R = S2_R − μ_R²
-                        nb, f = len(b), len(b) - len(br)
+                        # v^R − v = (μ_R² − μ²) [the 2gD + D² term] + var_R/B_R − var/B, with
+                        # S2 = B·var_b + μ², S2_R = (n·S2 − r·S2_F)/(n − r), var_R = S2_R − μ_R²
                         n, r = len(self.keep), int((~self.keep).sum())
                         mu = m / bc1
-                        var_b = (v / bc2 - mu ** 2).clamp_min(0)
-                        s2 = nb * var_b + mu ** 2
-                        s2r = (n * s2 - r * c["s2f"]) / (n - r)
-                        mur = mu + c["delta"]
-                        var_r = (s2r - mur ** 2).clamp_min(0)
-                        noise = var_r / max(nb - f, 1) - var_b
-                    if adam.startswith("adapt+noise"):
+                        s2r = (n * (nb * var_b + mu ** 2) - r * self.forget_sq_grad(k)) / (n - r)
+                        var_r = (s2r - (mu + c["delta"]) ** 2).clamp_min(0)
+                        noise = var_r / nr - var_b
+                    elif adam.startswith("adapt+noise"):
                         # the retained batch is smaller: its mean gradient's variance grows by
-                        # B / (B − f) (f = forget rows in the batch); variance ≈ v̂ − m̂²
-                        nb = len(b)
-                        kappa = (nb / max(nb - (len(b) - len(br)), 1) - 1 if adam == "adapt+noise"
-                                 else self.ratio / (1 - self.ratio))
-                        var = (v / bc2 - (m / bc1) ** 2).clamp_min(0)
-                        noise = kappa * var
+                        # B / (B − f) (f = forget rows in the batch; noise_r: the ratio r instead)
+                        kappa = nb / nr - 1 if adam == "adapt+noise" else self.ratio / (1 - self.ratio)
+                        noise = kappa * var_b
                     uv = b2 * uv + (1 - b2) * (2 * g * D + D * D + noise)
                     vr = (v + uv).clamp_min(0)
                     diff = ((m + u) / bc1) / ((vr / bc2).sqrt() + EPS) - (m / bc1) / ((v / bc2).sqrt() + EPS)
