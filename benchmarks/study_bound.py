@@ -33,11 +33,14 @@ rows are oracles: they evaluate the retained gradient at every corrected step, i
 the retained data per step (more than retraining), and show where the rest of the error lies.
 For reference, in the same run: ``mini`` (the library's default, ``unlearn(model, log,
 indices=f)``) and ``deltagrad`` (its full per-step history). Reports rel-L2 = ‖w + e − w^R‖ /
-‖w − w^R‖ (1.0: the untouched original), mean ± std over the seeds.
+‖w − w^R‖ (1.0: the untouched original) and SalUn's Avg.Gap in points on the sweep's sets (the
+``run`` command's metrics: its ``mini`` and ``deltagrad`` cells are these), mean ± std over the
+seeds; a seed with rel > 10 counts as diverged and is reported apart.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -49,6 +52,7 @@ from torch.func import functional_call, grad, jvp, vjp
 import mini_unlearn as mu
 from mini_unlearn import models as M
 from mini_unlearn.data import forget_split, load_dataset
+from mini_unlearn.evaluate import avg_gap, evaluate
 
 VARIANTS = {  # name: (base point, model of D, checkpoints, δ)
     "linear, checkpoint GGN, mean δ (the trajectory's model, exact curvature)": ("ckpt", "ggn", 10, "mean"),
@@ -100,12 +104,23 @@ class Run:
         ref = make()
         M.train(ref, self.X, self.y, self.recipe, indices=r)
         self.w_end, self.w_ref = _flat(self.model), _flat(ref)
+        # SalUn's metrics on the sweep's sets (the test split minus its first fifth, ∇τ's validation)
+        n_val = max(1, ds.n_test // 5)
+        self.sets = ((self.X[f], self.y[f]), (self.X[r], self.y[r]), (ds.X_test[n_val:], ds.y_test[n_val:]))
+        self.seed, self.ref = seed, ref
+        self.ref_metrics = evaluate(ref, *self.sets, seed=seed)
         p = list(self.model.named_parameters())
         self.names, self.shapes, self.sizes = [k for k, _ in p], [v.shape for _, v in p], [v.numel() for _, v in p]
         self._full: dict = {}
 
-    def rel(self, w: torch.Tensor) -> float:
-        return float((w - self.w_ref).norm() / (self.w_end - self.w_ref).norm())
+    def score(self, w: torch.Tensor) -> tuple[float, float]:
+        """rel-L2 to retraining, and SalUn's Avg.Gap (points) of the model with weights ``w``."""
+        rel = float((w - self.w_ref).norm() / (self.w_end - self.w_ref).norm())
+        if not torch.isfinite(w).all():
+            return rel, float("inf")
+        model = copy.deepcopy(self.model)
+        torch.nn.utils.vector_to_parameters(w, model.parameters())
+        return rel, avg_gap(evaluate(model, *self.sets, seed=self.seed), self.ref_metrics)
 
     def _out(self, w, X):
         params = {k: t.view(s) for k, t, s in zip(self.names, w.split(self.sizes), self.shapes)}
@@ -132,7 +147,7 @@ class Run:
             self._full[t] = (self.grad(self.ws[t], every), self.grad(self.ws[t], self.keep.nonzero().reshape(-1)))
         return self._full[t]
 
-    def simulate(self, spec) -> float:
+    def simulate(self, spec) -> tuple[float, float]:
         point, curv, K, delta = spec
         T, lam = len(self.schedule), self.recipe.weight_decay
         every, kept = torch.arange(len(self.keep)), self.keep.nonzero().reshape(-1)
@@ -167,14 +182,14 @@ class Run:
                 D = curve + self.grad(w, br) - self.grad(w, b)
             e = e * (1 - self.lrs[t] * lam) - self.lrs[t] * D
             if not torch.isfinite(e).all():
-                return float("inf")
-        return self.rel(self.w_end + e)
+                return float("inf"), float("inf")
+        return self.score(self.w_end + e)
 
-    def library(self, method: str) -> float:
+    def library(self, method: str) -> tuple[float, float]:
         log = self.log if method == "mini" else self.log_all
         res = mu.unlearn(self.model, log, indices=self.f, train_data=(self.X, self.y), loss_fn=M.loss_fn,
                          method=method)
-        return self.rel(_flat(res.model))
+        return self.score(_flat(res.model))
 
 
 def main(argv=None) -> int:
@@ -191,6 +206,7 @@ def main(argv=None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     ratios = [float(r) for r in args.ratios.split(",")]
     rel = {name: {str(r): [] for r in ratios} for name in rows}
+    gap = {name: {str(r): [] for r in ratios} for name in rows}
     t0 = time.time()
     for seed in seeds:
         ds = load_dataset(args.data, seed=seed)
@@ -198,30 +214,31 @@ def main(argv=None) -> int:
             torch.manual_seed(seed)
             run = Run(ds, args.data, seed, ratio)
             for name in rows:
-                if name in variants:
-                    v = run.simulate(variants[name])
-                else:
-                    v = run.library(name.split()[0])
+                v, g = run.simulate(variants[name]) if name in variants else run.library(name.split()[0])
                 rel[name][str(ratio)].append(v)
-                print(f"{args.data} seed {seed} ratio {ratio:.0%}  {name:72s} rel {v:.3f}  "
+                gap[name][str(ratio)].append(g)
+                print(f"{args.data} seed {seed} ratio {ratio:.0%}  {name:72s} rel {v:.3f}  Avg.Gap {g:.2f}  "
                       f"({time.time() - t0:.0f}s)", flush=True)
 
-    def cell(vals):
-        ok = [v for v in vals if v <= DIVERGED]
-        if len(ok) < len(vals):  # rel > 10 (or inf): the model diverged; the mean would hide the others
-            rest = f", {statistics.mean(ok):.3f} in the others" if ok else ""
-            return f"diverged in {len(vals) - len(ok)}/{len(vals)} seeds{rest}"
-        return f"{statistics.mean(vals):.3f} ± {statistics.pstdev(vals):.3f}"
+    def cell(name, r):
+        rs, gs = rel[name][str(r)], gap[name][str(r)]
+        ok = [i for i, v in enumerate(rs) if v <= DIVERGED]
+        if len(ok) < len(rs):  # rel > 10 (or inf): the model diverged; a mean would hide the others
+            rest = (f", {statistics.mean(rs[i] for i in ok):.3f} / {statistics.mean(gs[i] for i in ok):.2f} in "
+                    "the others") if ok else ""
+            return f"diverged in {len(rs) - len(ok)}/{len(rs)} seeds{rest}"
+        return (f"{statistics.mean(rs):.3f} ± {statistics.pstdev(rs):.3f} / "
+                f"{statistics.mean(gs):.2f} ± {statistics.pstdev(gs):.2f}")
 
-    print(f"\n{args.data}: rel-L2 to same-recipe retraining, seeds {args.seeds}")
+    print(f"\n{args.data}: rel-L2 / Avg.Gap (points) to same-recipe retraining, seeds {args.seeds}")
     print("| model of the retained run's gradient | " + " | ".join(f"{r:.0%}" for r in ratios) + " |")
     print("|---|" + "---|" * len(ratios))
     for name in rows:
-        print(f"| {name} | " + " | ".join(cell(rel[name][str(r)]) for r in ratios) + " |")
+        print(f"| {name} | " + " | ".join(cell(name, r) for r in ratios) + " |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"data": args.data, "model": "mlp", "recipe": "sgd", "seeds": seeds, "ratios": ratios,
-                       "variants": {n: list(s) for n, s in variants.items()}, "rel": rel,
+                       "variants": {n: list(s) for n, s in variants.items()}, "rel": rel, "avg_gap": gap,
                        "seconds": time.time() - t0}, f, indent=2)
     return 0
 
