@@ -1,4 +1,4 @@
-"""Language-model unlearning benchmark (issue 11): forget Shakespeare plays from a small GPT.
+"""Language-model unlearning benchmark: forget Shakespeare plays from a small GPT.
 
     PYTHONPATH=. python -m benchmarks.bench_lm [--optimizers momentum adamw] [--seeds 0] \
         [--rows-per-doc 32] [--epochs 6] [--methods mini mini+retain finetune ...] \

@@ -1,5 +1,5 @@
 """Cost of the curvature pass on a small GPT with a large vocabulary, against one training epoch
-(issue 11; target: ≤ 3× an epoch), and the fidelity cost of the output-factor memory bound.
+(target: ≤ 3× an epoch), and the fidelity cost of the output-factor memory bound.
 
     python -m benchmarks.bench_lm_curvature [--vocab 5000] [--n 256] [--threads 1] \
         [--json benchmarks/results/bench_lm_curvature.json]

@@ -1,4 +1,4 @@
-"""What any first-order model of SGD retraining can reach on the sweep's MLPs (issue 10).
+"""What any first-order model of SGD retraining can reach on the sweep's MLPs.
 
     python -m benchmarks.study_bound [--data digits] [--seeds 0,1,2] [--ratios 0.1,0.3,0.5]
                                      [--only TEXT] [--json benchmarks/results/study_bound_digits.json]
@@ -75,7 +75,7 @@ class Run:
     """One seed and ratio of the sweep's set-up: the original run's per-step weights and batches,
     its Recorder logs, same-recipe retraining, and the gradient / curvature oracles."""
 
-    def __init__(self, ds, data: str, seed: int, ratio: float):
+    def __init__(self, ds, seed: int, ratio: float):
         self.recipe = M.default_recipe("mlp", "sgd")
         self.recipe.seed = seed
         self.X, self.y = ds.X_train, ds.y_train
@@ -107,7 +107,7 @@ class Run:
         # SalUn's metrics on the sweep's sets (the test split minus its first fifth, ∇τ's validation)
         n_val = max(1, ds.n_test // 5)
         self.sets = ((self.X[f], self.y[f]), (self.X[r], self.y[r]), (ds.X_test[n_val:], ds.y_test[n_val:]))
-        self.seed, self.ref = seed, ref
+        self.seed = seed
         self.ref_metrics = evaluate(ref, *self.sets, seed=seed)
         p = list(self.model.named_parameters())
         self.names, self.shapes, self.sizes = [k for k, _ in p], [v.shape for _, v in p], [v.numel() for _, v in p]
@@ -155,6 +155,9 @@ class Run:
         for t in range(T):
             b = self.schedule[t]
             br = b[self.keep[b]]
+            if br.numel() == 0:  # retraining skips the step, the original took it (no measured run had one)
+                e = e + self.lrs[t] * (self.grad(self.ws[t], b) + lam * self.ws[t])
+                continue
             if point == "ckpt":
                 t0 = (t * K // T) * T // K  # the segment's first step: its checkpoint
                 wk = self.ws[t0]
@@ -175,9 +178,6 @@ class Run:
                 D = self.grad(self.ws[t] + e, kept) - g
             else:
                 w = self.ws[t]
-                if br.numel() == 0:  # retraining skips the step; the original took it
-                    e = e + self.lrs[t] * (self.grad(w, b) + lam * w)
-                    continue
                 curve = self.ggn(w, e, br) if curv == "ggn" else self.hvp(w, e, br)
                 D = curve + self.grad(w, br) - self.grad(w, b)
             e = e * (1 - self.lrs[t] * lam) - self.lrs[t] * D
@@ -212,7 +212,7 @@ def main(argv=None) -> int:
         ds = load_dataset(args.data, seed=seed)
         for ratio in ratios:
             torch.manual_seed(seed)
-            run = Run(ds, args.data, seed, ratio)
+            run = Run(ds, seed, ratio)
             for name in rows:
                 v, g = run.simulate(variants[name]) if name in variants else run.library(name.split()[0])
                 rel[name][str(ratio)].append(v)

@@ -1,5 +1,5 @@
 """When does the trajectory's linearisation hold? The linearity check against retraining, and
-BatchNorm statistics without retained data (issue 9), on two SGD-trained models.
+BatchNorm statistics without retained data, on two SGD-trained models.
 
 For each model and forget ratio (10/30/50 %), with the check switched off
 (``linearity_limit=None``): the trajectory's forget/test accuracy against same-recipe retraining

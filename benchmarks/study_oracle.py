@@ -1,4 +1,4 @@
-"""Oracle study of the trajectory mode (issue: overshoot at high forget ratios).
+"""Oracle study of the trajectory mode: where it overshoots at high forget ratios.
 
 Trains the original and the same-init, same-batch-order retrain (minus the forget rows), and
 compares the trajectory mode's predicted error ê = w_u − w_a with the actual e = w^R − w_a,

@@ -1,4 +1,4 @@
-"""Design study of the trajectory mode (issue 4) on MNIST-5k, SGD recipe (batch 64, 20 epochs,
+"""Design study of the trajectory mode on MNIST-5k, SGD recipe (batch 64, 20 epochs,
 step decay): the number of checkpoints K = 5, 10, 20; free segment-mean minibatch gradients
 against exact full-data gradients at the checkpoints; one final curvature spectrum against
 per-segment spectra ("seg_spectra": K-FAC at each segment's mean weights on 1,000 samples). Distances are to same-recipe retraining.
